@@ -1,0 +1,40 @@
+# The two quick-start commands (see README.md):
+#   make demo   install into .venv, index data/ and query it
+#   make test   install into .venv, lint, run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+DEMO_INDEX := .demo-index
+
+.PHONY: install demo test lint bench clean
+
+# imgsim 0.1.2 is installed only for its model.pth (the AugNet weights); --no-deps keeps its
+# OpenCV requirement out, since imgindex never imports imgsim or OpenCV. (pip then reports
+# "imgsim requires opencv-python, which is not installed"; that is expected.)
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps imgsim==0.1.2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/imgindex build data --index $(DEMO_INDEX)
+	$(BIN)/imgindex query data/pizza/image_0001.jpg data/stop_sign/image_0002.jpg \
+		--index $(DEMO_INDEX) -k 5
+	$(BIN)/imgindex query data/Leopards/image_0003.jpg --index $(DEMO_INDEX) -k 5 --metric cosine
+
+lint: $(STAMP)
+	$(BIN)/ruff check imgindex tests benchmarks scripts examples
+	$(BIN)/ruff format --check imgindex tests benchmarks scripts examples
+
+test: lint
+	$(BIN)/python -m pytest
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/retrieval_quality.py
+
+clean:
+	rm -rf $(VENV) $(DEMO_INDEX)

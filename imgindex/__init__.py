@@ -1,0 +1,49 @@
+"""imgindex: find similar images with AugNet vectors, a FAISS index and SQLite metadata.
+
+Drop-in for imgsim::
+
+    import imgindex as imgsim
+    vtr = imgsim.Vectorizer()
+    dist = imgsim.distance(vtr.vectorize(img0), vtr.vectorize(img1))
+
+Search a collection::
+
+    with imgindex.Index.open("photos.idx", create=True) as index:
+        index.add(["photos/"])
+        hits = index.search("query.jpg", k=5)
+"""
+
+from imgindex.errors import (
+    ImageError,
+    ImgIndexError,
+    IncompatibleIndexError,
+    IndexLockedError,
+    IndexNotFoundError,
+    WeightsError,
+)
+from imgindex.index import Index, default_index_path
+from imgindex.ingest import BuildReport, Skipped
+from imgindex.model import Vectorizer
+from imgindex.search import Hit, cosine_similarity, distance
+from imgindex.store import ImageRecord
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BuildReport",
+    "Hit",
+    "ImageError",
+    "ImageRecord",
+    "ImgIndexError",
+    "IncompatibleIndexError",
+    "Index",
+    "IndexLockedError",
+    "IndexNotFoundError",
+    "Skipped",
+    "Vectorizer",
+    "WeightsError",
+    "__version__",
+    "cosine_similarity",
+    "default_index_path",
+    "distance",
+]

@@ -1,0 +1,411 @@
+"""The ``imgindex`` command: parsing options and formatting output, nothing else.
+
+Every command maps the library's :class:`~imgindex.errors.ImgIndexError` to one line on stderr
+and exit status 1 (click's usage errors exit 2, an interrupt 130). Heavy modules (torch, faiss)
+are imported only by the commands that need them, so ``--help`` and ``info`` start quickly.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from imgindex.errors import ImgIndexError
+
+# ---------------------------------------------------------------------------------------------
+# Shared options
+
+
+def index_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--index",
+        "index_path",
+        type=click.Path(path_type=Path, file_okay=False),
+        envvar="IMGINDEX_INDEX",
+        show_envvar=True,
+        help="Index folder. Default: ~/.local/share/imgindex/default.",
+    )(fn)
+
+
+def model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    fn = click.option(
+        "--weights",
+        type=click.Path(path_type=Path, dir_okay=False),
+        envvar="IMGINDEX_WEIGHTS",
+        show_envvar=True,
+        help="AugNet checkpoint to use instead of imgsim 0.1.2's model.pth.",
+    )(fn)
+    fn = click.option(
+        "--device",
+        default="auto",
+        show_default=True,
+        help="Where to run the network: auto (a GPU when there is one), cpu, cuda, cuda:N.",
+    )(fn)
+    return fn
+
+
+def json_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")(fn)
+
+
+def metric_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--metric",
+        type=click.Choice(["l2", "cosine"]),
+        default="l2",
+        show_default=True,
+        help="l2: Euclidean distance (smaller is closer); cosine: similarity (larger is closer).",
+    )(fn)
+
+
+def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn library errors into one line on stderr; never show a traceback for them."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except ImgIndexError as exc:
+            raise click.ClickException(str(exc)) from None
+        except KeyboardInterrupt:
+            click.echo("\nInterrupted.", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+def display_path(path: str) -> str:
+    """A path relative to the current folder when it lies inside it, else absolute."""
+    try:
+        rel = os.path.relpath(path)
+    except ValueError:
+        return path
+    return path if rel.startswith("..") else rel
+
+
+def print_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, ensure_ascii=False))
+
+
+# ---------------------------------------------------------------------------------------------
+# Progress
+
+
+class ProgressLine:
+    """One self-rewriting status line on stderr, only when stderr is a terminal."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled and sys.stderr.isatty()
+        self._last = 0.0
+        self._width = 0
+
+    def __call__(self, state: Any) -> None:
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if now - self._last < 0.2 and state.done < state.total:
+            return
+        self._last = now
+        rate = state.images_per_second
+        remaining = state.total - state.done
+        eta = f"  ETA {_duration(remaining / rate)}" if rate > 0 and remaining else ""
+        width = 24
+        filled = int(width * state.done / state.total) if state.total else width
+        bar = "#" * filled + "-" * (width - filled)
+        line = (
+            f"Embedding [{bar}] {state.done}/{state.total}  {rate:.1f} images/s"
+            f"  {_duration(state.elapsed)}{eta}"
+        )
+        click.echo("\r" + line.ljust(self._width), nl=False, err=True)
+        self._width = len(line)
+
+    def finish(self) -> None:
+        if self.enabled and self._width:
+            click.echo("\r" + " " * self._width + "\r", nl=False, err=True)
+
+
+def _duration(seconds: float) -> str:
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes}m{seconds:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m"
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+# ---------------------------------------------------------------------------------------------
+# Commands
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="imgindex")
+def cli() -> None:
+    """Find similar images with AugNet vectors in a FAISS index.
+
+    \b
+    imgindex build ~/Pictures           index a folder (again: only what changed)
+    imgindex query photo.jpg            the 10 most similar indexed images
+    imgindex distance a.jpg b.jpg c.jpg pairwise distances, no index needed
+    imgindex info                       what an index holds
+    """
+    # Our own pixel limit (--max-pixels) gives the user the real answer; Pillow's warning
+    # about the same images would only be noise on the terminal.
+    from PIL import Image
+
+    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+
+
+@cli.command()
+@click.argument("folders", nargs=-1, required=True, type=click.Path(path_type=Path, exists=False))
+@index_option
+@model_options
+@click.option(
+    "--batch-size", default=16, show_default=True, type=click.IntRange(1), help="Images per batch."
+)
+@click.option(
+    "--workers",
+    default=None,
+    type=click.IntRange(1),
+    help="Threads reading and decoding images. Default: up to 4.",
+)
+@click.option(
+    "--max-pixels",
+    default=None,
+    type=click.IntRange(1),
+    help="Refuse images larger than this many pixels, before decoding. Default: 89,478,485.",
+)
+@click.option("--progress/--no-progress", default=True, help="Show progress on a terminal.")
+@json_option
+@user_errors
+def build(
+    folders: tuple[Path, ...],
+    index_path: Path | None,
+    weights: Path | None,
+    device: str,
+    batch_size: int,
+    workers: int | None,
+    max_pixels: int | None,
+    progress: bool,
+    as_json: bool,
+) -> None:
+    """Index the images in FOLDERS (recursively; files may be named too).
+
+    Creates the index if it does not exist. Running it again embeds only new and changed files.
+    Unreadable files are skipped and listed at the end; they never stop the build.
+    """
+    from imgindex.index import Index, default_index_path
+
+    for folder in folders:
+        if not os.path.lexists(folder):
+            raise click.BadParameter(f"{folder}: no such file or folder", param_hint="FOLDERS")
+    path = index_path or default_index_path()
+    from imgindex.store import DB_NAME
+
+    created = not (path / DB_NAME).exists()
+    with Index.open(
+        path, create=True, weights=weights, device=device, batch_size=batch_size
+    ) as index:
+        if created and not as_json:
+            click.echo(f"Created index {path}", err=True)
+        bar = ProgressLine(progress and not as_json)
+        try:
+            report = index.add(folders, progress=bar, workers=workers, max_pixels=max_pixels)
+        finally:
+            bar.finish()
+        info = index.info()
+    if as_json:
+        print_json({"index": str(path), **report.as_dict()})
+        return
+    counts = (
+        f"{report.added} added, {report.updated} updated, {report.unchanged} unchanged, "
+        f"{len(report.skipped)} skipped"
+    )
+    if report.embedded:
+        click.echo(
+            f"Indexed {report.embedded} images in {report.seconds:.1f} s "
+            f"({report.images_per_second:.1f} images/s): {counts}."
+        )
+    else:
+        click.echo(f"Nothing to embed ({report.seconds:.1f} s): {counts}.")
+    if report.skipped:
+        click.echo(f"Skipped {len(report.skipped)} file(s):")
+        for item in report.skipped[:20]:
+            click.echo(f"  {display_path(item.path)}: {item.reason}")
+        if len(report.skipped) > 20:
+            click.echo(f"  ... and {len(report.skipped) - 20} more (imgindex info --skipped)")
+    click.echo(f"Index {path}: {report.total} images, {_size(info['bytes_on_disk'])} on disk.")
+
+
+@cli.command()
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@index_option
+@model_options
+@click.option("-k", "--top", "k", default=10, show_default=True, type=click.IntRange(1))
+@metric_option
+@json_option
+@user_errors
+def query(
+    images: tuple[Path, ...],
+    index_path: Path | None,
+    weights: Path | None,
+    device: str,
+    k: int,
+    metric: str,
+    as_json: bool,
+) -> None:
+    """Show the K indexed images most similar to each of IMAGES."""
+    with _open_index(index_path, weights=weights, device=device) as index:
+        hits = index.search(list(images), k=k, metric=metric)
+        total = index.count()
+    if as_json:
+        print_json(
+            [
+                {
+                    "query": os.path.abspath(image),
+                    "metric": metric,
+                    "results": [h.as_dict() for h in found],
+                }
+                for image, found in zip(images, hits, strict=True)
+            ]
+        )
+        return
+    column = "distance" if metric == "l2" else "similarity"
+    for n, (image, found) in enumerate(zip(images, hits, strict=True)):
+        if n:
+            click.echo()
+        click.echo(f"Query {image} ({metric}, {len(found)} nearest of {total})")
+        if not found:
+            click.echo("  (the index is empty)")
+            continue
+        click.echo(f"{'rank':>4}  {column:>10}  {'id':>6}  path")
+        for hit in found:
+            click.echo(f"{hit.rank:>4}  {hit.score:>10.4f}  {hit.id:>6}  {display_path(hit.path)}")
+
+
+@cli.command()
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@model_options
+@metric_option
+@json_option
+@user_errors
+def distance(
+    images: tuple[Path, ...], weights: Path | None, device: str, metric: str, as_json: bool
+) -> None:
+    """Pairwise distances (or similarities) between IMAGES, no index needed."""
+    from imgindex.model import Vectorizer
+    from imgindex.search import score
+
+    vectors = Vectorizer(device=device, weights=weights).vectorize(list(images))
+    matrix = score(vectors, vectors, metric)
+    if as_json:
+        print_json(
+            {
+                "metric": metric,
+                "images": [os.path.abspath(p) for p in images],
+                "matrix": [[round(float(v), 6) for v in row] for row in matrix],
+            }
+        )
+        return
+    labels = [f"[{i}]" for i in range(1, len(images) + 1)]
+    width = max(8, *(len(label) for label in labels))
+    kind = "L2 distance" if metric == "l2" else "cosine similarity"
+    click.echo(f"{kind} between {len(images)} images")
+    click.echo(" " * 5 + "".join(label.rjust(width) for label in labels))
+    for label, row in zip(labels, matrix, strict=True):
+        click.echo(label.ljust(5) + "".join(f"{v:{width}.4f}" for v in row))
+    click.echo()
+    for label, path in zip(labels, images, strict=True):
+        click.echo(f"{label} {path}")
+
+
+@cli.command()
+@index_option
+@click.option("--skipped", is_flag=True, help="List the files the builds skipped, and why.")
+@json_option
+@user_errors
+def info(index_path: Path | None, skipped: bool, as_json: bool) -> None:
+    """Describe an index: images, model, weights, index type, size on disk."""
+    with _open_index(index_path) as index:
+        details = index.info()
+        skipped_files = index.skipped() if skipped else []
+    if as_json:
+        if skipped:
+            details["skipped_files"] = [{"path": p, "reason": r} for p, r in skipped_files]
+        print_json(details)
+        return
+    if skipped:
+        for path, reason in skipped_files:
+            click.echo(f"{display_path(path)}: {reason}")
+        if not skipped_files:
+            click.echo("No skipped files.")
+        return
+    pre = details["preprocessing"]
+    files = ", ".join(f"{name} {_size(n)}" for name, n in details["files"].items())
+    weights_note = " (imgsim 0.1.2 model.pth)" if _is_default(details["weights_sha256"]) else ""
+    rows = [
+        ("Index", details["path"]),
+        ("Images", f"{details['images']} ({details['skipped']} files skipped)"),
+        ("Model", f"{details['model']} ({details['dim']}-number vectors)"),
+        ("Weights", f"sha256 {details['weights_sha256']}{weights_note}"),
+        (
+            "Preprocessing",
+            f"short side {pre['short_side']}, {pre['interpolation']}, no crop, RGB, "
+            "ImageNet mean/std",
+        ),
+        ("Index type", f"{details['index_type']} (exact search)"),
+        ("Metrics", "l2 (Euclidean distance), cosine (similarity)"),
+        ("Created", details["created_at"]),
+        ("On disk", f"{_size(details['bytes_on_disk'])} ({files})"),
+    ]
+    for name, value in rows:
+        click.echo(f"{name + ':':<15}{value}")
+
+
+def _is_default(sha: str) -> bool:
+    from imgindex.model import AUGNET_SHA256
+
+    return sha == AUGNET_SHA256
+
+
+def _open_index(index_path: Path | None, **kwargs: Any) -> Any:
+    from imgindex.errors import IndexNotFoundError
+    from imgindex.index import Index, default_index_path
+    from imgindex.store import DB_NAME
+
+    path = index_path or default_index_path()
+    if not (path / DB_NAME).exists():
+        source = click.get_current_context().get_parameter_source("index_path")
+        if source == click.core.ParameterSource.COMMANDLINE:
+            hint = f"build one with `imgindex build FOLDER --index {path}`"
+            where = f"at {path}"
+        elif source == click.core.ParameterSource.ENVIRONMENT:
+            hint = "build one with `imgindex build FOLDER`"
+            where = f"at {path} (from $IMGINDEX_INDEX)"
+        else:
+            hint = "build one with `imgindex build FOLDER`, or pass --index PATH"
+            where = f"at the default location {path}"
+        raise IndexNotFoundError(f"no index {where}; {hint}")
+    return Index.open(path, **kwargs)
+
+
+def main() -> None:
+    cli(prog_name="imgindex")

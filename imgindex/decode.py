@@ -1,0 +1,138 @@
+"""Bytes to RGB pixels: the one place that knows about image formats.
+
+Everything that can go wrong with a file (unreadable, not an image, truncated, too large, an odd
+colour mode) is decided here and raised as :class:`~imgindex.errors.ImageError` with a reason a
+user can read. What comes out is always an upright ``H x W x 3`` uint8 RGB array, converted the
+way OpenCV's ``imread(..., IMREAD_COLOR)`` (which imgsim uses) would: EXIF orientation applied,
+alpha dropped, 16-bit samples reduced to their high byte, palettes expanded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from imgindex.errors import ImageError
+
+# Pillow's own default decompression-bomb limit (about 89.5 megapixels, 0.27 GB as RGB).
+DEFAULT_MAX_PIXELS = 89_478_485
+
+
+@dataclass(frozen=True)
+class ImageFile:
+    """A decoded image file: its pixels and the facts about the file that the index records."""
+
+    path: Path
+    pixels: np.ndarray  # H x W x 3 uint8 RGB, upright
+    sha256: str
+    size: int  # bytes
+    mtime: float
+    width: int  # after EXIF orientation
+    height: int
+
+
+def read_image_file(
+    path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXELS
+) -> ImageFile:
+    """Read, hash and decode one file. Raises ImageError naming the file and the reason."""
+    path = Path(path)
+    name = os.fsdecode(path)
+    try:
+        with open(path, "rb") as fh:
+            st = os.fstat(fh.fileno())
+            data = fh.read()
+    except IsADirectoryError:
+        raise ImageError(name, "is a folder, not a file") from None
+    except FileNotFoundError:
+        raise ImageError(name, "file not found (deleted, or a broken link)") from None
+    except PermissionError:
+        raise ImageError(name, "permission denied") from None
+    except OSError as exc:
+        raise ImageError(name, f"cannot read file ({exc.strerror or exc})") from None
+    if not data:
+        raise ImageError(name, "empty file (0 bytes)")
+    pixels = decode_image_bytes(data, name, max_pixels)
+    return ImageFile(
+        path=path,
+        pixels=pixels,
+        sha256=hashlib.sha256(data).hexdigest(),
+        size=len(data),
+        mtime=st.st_mtime,
+        width=pixels.shape[1],
+        height=pixels.shape[0],
+    )
+
+
+def decode_image_bytes(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode encoded image bytes to an upright H x W x 3 uint8 RGB array."""
+    try:
+        # Pillow warns above its own limit and refuses at twice that; the CLI silences the warning
+        # because check_pixel_count below gives the user the real answer.
+        im = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise ImageError(name, "not an image, or a format imgindex cannot read") from None
+    except Image.DecompressionBombError as exc:
+        raise ImageError(name, f"refused before decoding: {exc}") from None
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise ImageError(name, f"cannot read image header ({exc})") from None
+    check_pixel_count(im.size, name, max_pixels)
+    try:
+        im.load()
+    except Exception as exc:  # Pillow raises many types for corrupt data
+        raise ImageError(name, f"corrupt or truncated image data ({_describe(exc)})") from None
+    return pil_to_rgb_array(im, name)
+
+
+def check_pixel_count(size: tuple[int, int], name: str, max_pixels: int) -> None:
+    """Refuse images whose header claims more pixels than ``max_pixels`` (decompression bombs)."""
+    width, height = size
+    if width <= 0 or height <= 0:
+        raise ImageError(name, f"image has no pixels ({width} x {height})")
+    if width * height > max_pixels:
+        raise ImageError(
+            name,
+            f"{width} x {height} pixels ({width * height / 1e6:.1f} MP) is over the limit of "
+            f"{max_pixels / 1e6:.1f} MP; refused before decoding (raise it with --max-pixels)",
+        )
+
+
+def pil_to_rgb_array(im: Image.Image, name: str = "<image>") -> np.ndarray:
+    """Upright RGB uint8 pixels of a PIL image, converted as OpenCV's IMREAD_COLOR would."""
+    # A broken EXIF block should not lose the picture: keep it as stored.
+    with contextlib.suppress(Exception):
+        im = ImageOps.exif_transpose(im)
+    try:
+        return _to_rgb(im)
+    except Exception as exc:
+        raise ImageError(
+            name, f"cannot convert {im.mode} image to RGB ({_describe(exc)})"
+        ) from None
+
+
+def _to_rgb(im: Image.Image) -> np.ndarray:
+    mode = im.mode
+    if mode == "RGB":
+        return np.asarray(im)
+    if mode.startswith("I;16") or mode == "I":
+        # 16-bit (or 32-bit integer) greyscale: keep the high byte, as OpenCV does for 16-bit.
+        grey = (np.asarray(im).astype(np.int64) >> 8).clip(0, 255).astype(np.uint8)
+        return np.repeat(grey[:, :, None], 3, axis=2)
+    if mode == "F":
+        grey = np.asarray(im).clip(0, 255).round().astype(np.uint8)
+        return np.repeat(grey[:, :, None], 3, axis=2)
+    if mode == "P" and "transparency" in im.info:
+        # Via RGBA so Pillow expands the palette without warning; the alpha is then dropped.
+        im = im.convert("RGBA")
+    return np.asarray(im.convert("RGB"))
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -1,0 +1,38 @@
+"""The exceptions imgindex raises. The library raises these; only the CLI turns them into messages.
+
+Every message is one line that a user can act on: it names the file (or index) and the reason.
+"""
+
+from __future__ import annotations
+
+
+class ImgIndexError(Exception):
+    """Base class for every error imgindex raises on purpose."""
+
+
+class ImageError(ImgIndexError):
+    """An image could not be read, decoded or accepted.
+
+    ``path`` is the file (or a short description of an in-memory input); ``reason`` says why.
+    """
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+class WeightsError(ImgIndexError):
+    """The AugNet weights are missing, tampered with, or not of the expected shape."""
+
+
+class IndexNotFoundError(ImgIndexError):
+    """There is no index at the given location."""
+
+
+class IncompatibleIndexError(ImgIndexError):
+    """The index was made by other weights or preprocessing, or by a newer imgindex."""
+
+
+class IndexLockedError(ImgIndexError):
+    """Another process is writing to the index."""

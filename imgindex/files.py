@@ -1,0 +1,85 @@
+"""Which files are images, and in what order: walking the folders a user points at.
+
+Walking is deterministic (sorted at every level) so two builds of the same folders see the files in
+the same order. Symbolic links to folders are followed once; a link that leads back into a folder
+already being walked (a loop) is not followed again.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+# Formats Pillow decodes that people keep photos in. Matching is case-insensitive.
+IMAGE_SUFFIXES = frozenset(
+    {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+)
+
+
+def is_image_name(path: str | os.PathLike[str]) -> bool:
+    """True when the file name has one of the image suffixes imgindex reads."""
+    return os.path.splitext(os.fspath(path))[1].lower() in IMAGE_SUFFIXES
+
+
+OnError = Callable[[Path, str], None]
+
+
+def walk_images(
+    roots: Iterable[str | os.PathLike[str]], on_error: OnError | None = None
+) -> Iterator[Path]:
+    """Yield the absolute path of every image file under ``roots``, without duplicates.
+
+    A root may be a folder (walked recursively) or a single file (yielded as given, whatever its
+    suffix, since the user named it). Roots that do not exist raise ``FileNotFoundError`` before
+    anything is yielded, so a typo is reported instead of silently indexing nothing. Folders that
+    cannot be listed, and symbolic-link loops, are reported to ``on_error(path, reason)``.
+    """
+    roots = [Path(os.path.abspath(r)) for r in roots]
+    for root in roots:
+        if not os.path.lexists(root):
+            raise FileNotFoundError(f"{root}: no such file or folder")
+    seen: set[Path] = set()
+    for root in roots:
+        if root.is_dir():
+            for path in _walk_dir(root, on_error or (lambda path, reason: None)):
+                if path not in seen:
+                    seen.add(path)
+                    yield path
+        elif root not in seen:
+            seen.add(root)
+            yield root
+
+
+def _walk_dir(root: Path, on_error: OnError) -> Iterator[Path]:
+    # (device, inode) of every folder on the current walk: a symlink to one of them is a loop.
+    visited: set[tuple[int, int]] = set()
+
+    def walk(folder: Path) -> Iterator[Path]:
+        try:
+            st = folder.stat()
+        except OSError as exc:
+            on_error(folder, f"cannot open folder ({exc.strerror or exc})")
+            return
+        key = (st.st_dev, st.st_ino)
+        if key in visited:
+            on_error(folder, "links to a folder already walked (symbolic link loop), not followed")
+            return
+        visited.add(key)
+        try:
+            with os.scandir(folder) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as exc:
+            on_error(folder, f"cannot list folder ({exc.strerror or exc})")
+            return
+        for entry in entries:
+            try:
+                is_dir = entry.is_dir()  # follows symlinks
+            except OSError:
+                is_dir = False
+            if is_dir:
+                yield from walk(Path(entry.path))
+            elif is_image_name(entry.name):
+                yield Path(entry.path)
+
+    yield from walk(root)

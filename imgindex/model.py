@@ -1,0 +1,428 @@
+"""The AugNet network, its weights, and the preprocessing that travels with them.
+
+AugNet (Chen et al., "AugNet: End-to-End Unsupervised Visual Representation Learning with Image
+Augmentation", arXiv:2106.06250) is torchvision's ResNet50 with its classifier replaced by
+``Linear(2048, 768)`` and a ``tanh``. The pretrained weights are the ``model.pth`` shipped in the
+``imgsim`` 0.1.2 wheel (MIT licence). This module finds that file through the installed
+distribution's file list (never importing imgsim, which needs OpenCV), checks its SHA-256, and
+loads it with ``torch.load(weights_only=True)`` so that a checkpoint cannot run code.
+
+Preprocessing reproduces imgsim's: the short side is resized to 350 pixels with OpenCV's
+bilinear interpolation (reimplemented here bit for bit, so OpenCV is not needed), the aspect
+ratio is kept, nothing is cropped, and the RGB values are scaled to [0, 1] and normalised with the
+ImageNet mean and standard deviation. Images of different shapes cannot share a batch without
+changing their vectors, so batches are formed from images of the same resized shape.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import os
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from imgindex.decode import DEFAULT_MAX_PIXELS, pil_to_rgb_array, read_image_file
+from imgindex.errors import ImageError, WeightsError
+
+if TYPE_CHECKING:
+    import torch
+
+MODEL_NAME = "augnet-resnet50-768"
+EMBEDDING_DIM = 768
+AUGNET_SHA256 = "c2cb3cac82642c5698721bd4c57702c3d2ffab077ee9fc277c60ef7359293add"
+WEIGHTS_ENV = "IMGINDEX_WEIGHTS"
+INSTALL_HINT = (
+    "install the AugNet weights with `pip install --no-deps imgsim==0.1.2`, "
+    f"or point --weights / ${WEIGHTS_ENV} at a model.pth"
+)
+
+
+# --------------------------------------------------------------------------------------------
+# Weights
+
+
+@dataclass(frozen=True)
+class Weights:
+    """A weights file and its SHA-256. ``is_default`` is True for imgsim's own model.pth."""
+
+    path: Path
+    sha256: str
+    is_default: bool
+
+
+def default_weights_path() -> Path:
+    """Location of ``imgsim/model.pth`` inside the installed imgsim distribution."""
+    try:
+        dist = importlib.metadata.distribution("imgsim")
+    except importlib.metadata.PackageNotFoundError:
+        raise WeightsError(f"the AugNet weights are not installed: {INSTALL_HINT}") from None
+    for file in dist.files or ():
+        if file.name == "model.pth" and file.parent.name == "imgsim":
+            return Path(str(dist.locate_file(file)))
+    raise WeightsError(f"the imgsim distribution has no imgsim/model.pth: {INSTALL_HINT}")
+
+
+def sha256_of_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def resolve_weights(path: str | os.PathLike[str] | None = None) -> Weights:
+    """The weights to use: ``path``, else ``$IMGINDEX_WEIGHTS``, else imgsim's model.pth.
+
+    The default weights must match the published checksum; another file is accepted as long as it
+    loads into the same network (checked when it is loaded), and its checksum is recorded.
+    """
+    chosen = path if path is not None else os.environ.get(WEIGHTS_ENV) or None
+    if chosen is None:
+        resolved = default_weights_path()
+        is_default = True
+    else:
+        resolved = Path(chosen).expanduser()
+        is_default = False
+    if not resolved.is_file():
+        raise WeightsError(f"{resolved}: weights file not found; {INSTALL_HINT}")
+    try:
+        sha = sha256_of_file(resolved)
+    except OSError as exc:
+        raise WeightsError(f"{resolved}: cannot read weights ({exc.strerror or exc})") from None
+    if is_default and sha != AUGNET_SHA256:
+        raise WeightsError(
+            f"{resolved}: SHA-256 is {sha}, expected {AUGNET_SHA256}; the file is damaged or not "
+            "imgsim 0.1.2's model.pth (reinstall it with `pip install --force-reinstall --no-deps "
+            "imgsim==0.1.2`)"
+        )
+    return Weights(path=resolved, sha256=sha, is_default=sha == AUGNET_SHA256)
+
+
+def build_network() -> torch.nn.Module:
+    """An untrained AugNet: ResNet50 whose ``fc`` is ``Linear(2048, 768)``, followed by tanh."""
+    import torch
+    from torchvision.models import resnet50
+
+    backbone = resnet50(weights=None)
+    backbone.fc = torch.nn.Linear(2048, EMBEDDING_DIM)
+    return torch.nn.Sequential(backbone, torch.nn.Tanh())
+
+
+def load_network(weights: Weights) -> torch.nn.Module:
+    """AugNet with ``weights`` loaded, in eval mode, on the CPU."""
+    import torch
+
+    try:
+        state = torch.load(weights.path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise WeightsError(
+            f"{weights.path}: not a loadable PyTorch state dict ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''})"
+        ) from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise WeightsError(f"{weights.path}: expected a state dict, found {type(state).__name__}")
+    # imgsim's checkpoint was saved from nn.DataParallel ("module." prefixes) around a module whose
+    # ResNet is called "pre"; our Sequential names it "0".
+    renamed = {}
+    for key, value in state.items():
+        key = key.removeprefix("module.")
+        if key.startswith("pre."):
+            key = "0." + key[len("pre.") :]
+        renamed[key] = value
+    network = build_network()
+    try:
+        network.load_state_dict(renamed, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()
+        detail = " ".join(line.strip() for line in first[1:3]) or first[0]
+        raise WeightsError(
+            f"{weights.path}: not an AugNet ResNet50-768 checkpoint ({detail[:300]})"
+        ) from None
+    return network.eval()
+
+
+# --------------------------------------------------------------------------------------------
+# Preprocessing
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How pixels become network input. Recorded in every index, so vectors are never mixed."""
+
+    short_side: int = 350
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    interpolation: str = "bilinear-opencv-fixedpoint"
+    # Not part of the vectors' identity: a guard against absurd inputs (a 1 x 10000 strip would
+    # become 350 x 3,500,000 pixels).
+    max_aspect_ratio: float = field(default=20.0, compare=False)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "resize": "short side",
+            "short_side": self.short_side,
+            "interpolation": self.interpolation,
+            "crop": None,
+            "color": "RGB",
+            "scale": "1/255",
+            "mean": list(self.mean),
+            "std": list(self.std),
+        }
+
+    def target_size(self, width: int, height: int) -> tuple[int, int]:
+        """(width, height) after resizing; imgsim's rounding (truncation) exactly."""
+        scale = self.short_side / min(width, height)
+        return (
+            int(max(width * scale, self.short_side)),
+            int(max(height * scale, self.short_side)),
+        )
+
+    def check(self, width: int, height: int, name: str) -> None:
+        ratio = max(width, height) / min(width, height)
+        if ratio > self.max_aspect_ratio:
+            raise ImageError(
+                name,
+                f"aspect ratio {ratio:.0f}:1 ({width} x {height}) is too extreme to embed "
+                f"(limit {self.max_aspect_ratio:.0f}:1)",
+            )
+
+    def resize(self, rgb: np.ndarray, name: str = "<image>") -> torch.Tensor:
+        """H x W x 3 uint8 RGB -> 3 x h x w uint8 tensor with the short side at ``short_side``."""
+        import torch
+
+        height, width = rgb.shape[:2]
+        self.check(width, height, name)
+        new_w, new_h = self.target_size(width, height)
+        if not (rgb.flags.c_contiguous and rgb.flags.writeable):
+            rgb = rgb.copy()  # torch wants its own, forward-strided buffer
+        pixels = torch.from_numpy(rgb)
+        if (new_w, new_h) != (width, height):
+            pixels = opencv_bilinear_resize(pixels, new_w, new_h)
+        return pixels.permute(2, 0, 1).contiguous()
+
+    def normalize(self, batch: torch.Tensor) -> torch.Tensor:
+        """N x 3 x h x w uint8 -> float32 network input."""
+        import torch
+
+        mean = torch.tensor(self.mean, device=batch.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=batch.device).view(1, 3, 1, 1)
+        return (batch.float() / 255.0 - mean) / std
+
+
+def opencv_bilinear_resize(pixels: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """Resize ``H x W x C`` uint8 pixels exactly as OpenCV's ``cv2.resize(..., INTER_LINEAR)``.
+
+    imgsim resizes with OpenCV; reproducing its integer arithmetic bit for bit (checked against
+    cv2 on random sizes in tests/test_model.py) keeps imgindex's vectors equal to imgsim's to
+    float rounding, where a float or antialiased bilinear resize moves a near-duplicate pair's
+    distance by up to 0.8%. OpenCV samples at pixel centres, weights the two neighbours with
+    11-bit fixed-point coefficients, and rounds in two stages (the arithmetic of its SIMD path).
+    """
+    import torch
+
+    src_h, src_w = pixels.shape[:2]
+    x0, x1, a0, a1 = (torch.from_numpy(v) for v in _opencv_taps(src_w, width, clamp=True))
+    y0, y1, b0, b1 = (torch.from_numpy(v) for v in _opencv_taps(src_h, height, clamp=False))
+    a0, a1 = a0.view(1, -1, 1), a1.view(1, -1, 1)
+
+    def horizontal(rows: torch.Tensor) -> torch.Tensor:
+        r = pixels.index_select(0, rows)
+        return (r.index_select(1, x0).int() * a0 + r.index_select(1, x1).int() * a1) >> 4
+
+    top = (b0.view(-1, 1, 1) * horizontal(y0)) >> 16
+    bottom = (b1.view(-1, 1, 1) * horizontal(y1)) >> 16
+    return ((top + bottom + 2) >> 2).to(torch.uint8)
+
+
+def _opencv_taps(
+    src: int, dst: int, clamp: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Source indices and 11-bit weights of the two taps of each output pixel along one axis.
+
+    Along x, OpenCV moves a tap that falls outside the image onto the edge pixel with full weight
+    (``clamp``); along y it keeps the weights and clamps only the row index.
+    """
+    scale = 1.0 / (dst / src)
+    frac = ((np.arange(dst, dtype=np.float64) + 0.5) * scale - 0.5).astype(np.float32)
+    first = np.floor(frac).astype(np.int64)
+    frac = (frac - first).astype(np.float32)
+    if clamp:
+        low, high = first < 0, first >= src - 1
+        frac[low | high] = 0
+        first[low] = 0
+        first[high] = src - 1
+    w0 = np.rint((np.float32(1) - frac) * np.float32(2048)).astype(np.int32)
+    return (
+        np.clip(first, 0, src - 1),
+        np.clip(first + 1, 0, src - 1),
+        w0,
+        (2048 - w0).astype(np.int32),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Vectorizer
+
+
+def resolve_device(device: str | None) -> str:
+    import torch
+
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise WeightsError(f"device {device!r} was asked for, but PyTorch sees no CUDA GPU")
+    return device
+
+
+class Vectorizer:
+    """Turns images into AugNet vectors; a drop-in for ``imgsim.Vectorizer``.
+
+    ``vectorize(x)`` takes an image path, a PIL image, a uint8 ``H x W x 3`` array (BGR unless
+    ``channels="rgb"``), or a list / ``N x H x W x 3`` array of those. One image gives a float32
+    vector of 768 numbers, a batch gives an ``N x 768`` matrix. Batches give the same vectors as
+    one-by-one calls.
+    """
+
+    model_name = MODEL_NAME
+
+    def __init__(
+        self,
+        device: str = "auto",
+        weights: str | os.PathLike[str] | None = None,
+        batch_size: int = 16,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ):
+        self.device = resolve_device(device)
+        self.batch_size = max(1, int(batch_size))
+        self.max_pixels = max_pixels
+        self.preprocessing = Preprocessing()
+        self.weights = self._resolve_weights(weights)
+        self.network = self._build_network().to(self.device)
+
+    # Overridden by a test stand-in; see tests/conftest.py.
+    def _resolve_weights(self, weights: str | os.PathLike[str] | None) -> Weights:
+        return resolve_weights(weights)
+
+    def _build_network(self) -> torch.nn.Module:
+        return load_network(self.weights)
+
+    @property
+    def dim(self) -> int:
+        return EMBEDDING_DIM
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What an index records about the vectors it holds; two vectorizers with equal
+        fingerprints produce comparable vectors."""
+        return {
+            "model": self.model_name,
+            "weights_sha256": self.weights.sha256,
+            "dim": self.dim,
+            "preprocessing": self.preprocessing.describe(),
+        }
+
+    # -- public API -------------------------------------------------------------------------
+
+    def vectorize(self, images: Any, channels: str = "bgr") -> np.ndarray:
+        """Vector(s) for one image or a batch; see the class docstring."""
+        single, items = _split_batch(images)
+        vectors = self.vectorize_many(items, channels=channels)
+        return vectors[0] if single else vectors
+
+    def vectorize_many(self, images: Iterable[Any], channels: str = "bgr") -> np.ndarray:
+        """``N x 768`` float32 vectors for an iterable of single images."""
+        if channels.lower() not in ("bgr", "rgb"):
+            raise ValueError(f"channels must be 'bgr' or 'rgb', not {channels!r}")
+        chunks = []
+        pending: list[torch.Tensor] = []
+        for item in images:
+            pending.append(self.prepare(item, channels))
+            # Bounded memory for long lists; chunking never changes a vector.
+            if len(pending) >= 8 * self.batch_size:
+                chunks.append(self.embed_tensors(pending))
+                pending = []
+        if pending or not chunks:
+            chunks.append(self.embed_tensors(pending))
+        return np.concatenate(chunks)
+
+    def prepare(self, image: Any, channels: str = "bgr") -> torch.Tensor:
+        """One image -> its resized ``3 x h x w`` uint8 tensor (the network's input before
+        normalisation)."""
+        rgb, name = self._to_rgb(image, channels)
+        return self.preprocessing.resize(rgb, name)
+
+    def embed_tensors(self, tensors: Sequence[torch.Tensor]) -> np.ndarray:
+        """Embed prepared tensors of any mix of shapes; batches are formed per shape."""
+        import torch
+
+        out = np.empty((len(tensors), self.dim), dtype=np.float32)
+        groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
+        for i, t in enumerate(tensors):
+            groups[tuple(t.shape)].append(i)
+        for indices in groups.values():
+            for start in range(0, len(indices), self.batch_size):
+                chunk = indices[start : start + self.batch_size]
+                batch = torch.stack([tensors[i] for i in chunk])
+                out[chunk] = self.embed_batch(batch)
+        return out
+
+    def embed_batch(self, batch: torch.Tensor) -> np.ndarray:
+        """``N x 3 x h x w`` uint8 tensor (one shape) -> ``N x 768`` float32 vectors."""
+        import torch
+
+        with torch.inference_mode():
+            x = self.preprocessing.normalize(batch.to(self.device, non_blocking=True))
+            return self.network(x).float().cpu().numpy()
+
+    # -- input handling ---------------------------------------------------------------------
+
+    def _to_rgb(self, image: Any, channels: str) -> tuple[np.ndarray, str]:
+        from PIL import Image
+
+        if isinstance(image, (str, os.PathLike)):
+            name = os.fsdecode(image)
+            return read_image_file(image, self.max_pixels).pixels, name
+        if isinstance(image, Image.Image):
+            name = getattr(image, "filename", "") or "<PIL image>"
+            return pil_to_rgb_array(image, name), name
+        if isinstance(image, np.ndarray):
+            return _array_to_rgb(image, channels), "<array>"
+        raise TypeError(
+            "expected an image path, a PIL image or a uint8 numpy array, "
+            f"got {type(image).__name__}"
+        )
+
+
+def _split_batch(images: Any) -> tuple[bool, list[Any]]:
+    """(is_single, items): a batch is a list/tuple or an N x H x W x C array."""
+    if isinstance(images, (list, tuple)):
+        return False, list(images)
+    if isinstance(images, np.ndarray) and images.ndim == 4:
+        return False, list(images)
+    return True, [images]
+
+
+def _array_to_rgb(array: np.ndarray, channels: str) -> np.ndarray:
+    if array.dtype != np.uint8:
+        raise ImageError(
+            "<array>", f"pixels must be uint8 (0-255), got {array.dtype}; convert the array first"
+        )
+    if array.ndim == 2:
+        return np.repeat(array[:, :, None], 3, axis=2)
+    if array.ndim != 3 or array.shape[2] not in (1, 3, 4):
+        raise ImageError(
+            "<array>",
+            "expected shape H x W x 3 (or H x W, H x W x 4), got "
+            + " x ".join(map(str, array.shape)),
+        )
+    if array.shape[2] == 1:
+        return np.repeat(array, 3, axis=2)
+    rgb = array[:, :, :3]
+    return rgb[:, :, ::-1] if channels.lower() == "bgr" else rgb

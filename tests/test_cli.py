@@ -1,0 +1,195 @@
+"""The command line: output people read, JSON scripts parse, and one-line errors."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from imgindex.cli import cli
+
+from .conftest import DATA
+
+
+@pytest.fixture
+def run(use_fake_model):
+    runner = CliRunner()
+
+    def invoke(*args, ok=True):
+        result = runner.invoke(cli, [str(a) for a in args], catch_exceptions=False)
+        if ok:
+            assert result.exit_code == 0, result.output + result.stderr
+        return result
+
+    return invoke
+
+
+def test_build_then_query_then_info(run, tmp_path, photos):
+    index = tmp_path / "idx"
+    result = run("build", photos, "--index", index)
+    assert "Indexed 36 images" in result.stdout
+    assert "36 added, 0 updated, 0 unchanged, 0 skipped" in result.stdout
+    assert "Created index" in result.stderr
+
+    again = run("build", photos, "--index", index)
+    assert "Nothing to embed" in again.stdout and "36 unchanged" in again.stdout
+
+    query = photos / "stop_sign" / "image_0002.jpg"
+    result = run("query", query, "--index", index, "-k", "3")
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith(f"Query {query} (l2, 3 nearest of 36)")
+    assert lines[1].split() == ["rank", "distance", "id", "path"]
+    first = lines[2].split()
+    assert first[0] == "1" and float(first[1]) == 0.0 and first[3].endswith("image_0002.jpg")
+    assert len(lines) == 5
+
+    result = run("query", query, "--index", index, "--metric", "cosine", "-k", "2")
+    assert "similarity" in result.stdout.splitlines()[1]
+
+    info = run("info", "--index", index).stdout
+    assert "Images:        36" in info and "Flat (exact search)" in info
+    assert "l2 (Euclidean distance), cosine (similarity)" in info
+
+
+def test_json_outputs(run, tmp_path, photos):
+    index = tmp_path / "idx"
+    built = json.loads(run("build", photos / "pizza", "--index", index, "--json").stdout)
+    assert built["added"] == 6 and built["total"] == 6 and built["skipped"] == []
+
+    q1, q2 = photos / "pizza" / "image_0001.jpg", photos / "pizza" / "image_0005.jpg"
+    result = json.loads(run("query", q1, q2, "--index", index, "--json", "-k", "4").stdout)
+    assert [r["query"] for r in result] == [str(q1), str(q2)]
+    for entry in result:
+        assert entry["metric"] == "l2" and len(entry["results"]) == 4
+        assert set(entry["results"][0]) == {"rank", "id", "path", "distance"}
+        assert [r["rank"] for r in entry["results"]] == [1, 2, 3, 4]
+    assert result[0]["results"][0]["path"] == str(q1)
+
+    cosine = json.loads(run("query", q1, "--index", index, "--json", "--metric", "cosine").stdout)
+    assert set(cosine[0]["results"][0]) == {"rank", "id", "path", "similarity"}
+    assert len(cosine[0]["results"]) == 6  # k=10 but only 6 indexed
+
+    info = json.loads(run("info", "--index", index, "--json").stdout)
+    assert info["images"] == 6 and info["index_type"] == "Flat"
+
+
+def test_skipped_files_in_summary_and_info(run, tmp_path):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    (folder / "zero.jpg").write_bytes(b"")
+    (folder / "a.jpg").write_bytes((DATA / "pizza" / "image_0001.jpg").read_bytes())
+    index = tmp_path / "idx"
+    result = run("build", folder, "--index", index)
+    assert "1 skipped" in result.stdout
+    assert "zero.jpg: empty file (0 bytes)" in result.stdout
+    listed = run("info", "--index", index, "--skipped").stdout
+    assert "zero.jpg: empty file (0 bytes)" in listed
+    as_json = json.loads(run("info", "--index", index, "--skipped", "--json").stdout)
+    assert as_json["skipped_files"][0]["reason"] == "empty file (0 bytes)"
+
+
+def test_distance_table(run):
+    images = [DATA / "pizza" / "image_0001.jpg", DATA / "pizza" / "image_0002.jpg"]
+    result = run("distance", *images)
+    lines = result.stdout.splitlines()
+    assert lines[0] == "L2 distance between 2 images"
+    assert lines[2].split()[:2] == ["[1]", "0.0000"]
+    assert lines[3].split()[2] == "0.0000"
+    assert lines[2].split()[2] == lines[3].split()[1]  # symmetric
+    assert lines[-2:] == [f"[1] {images[0]}", f"[2] {images[1]}"]
+    data = json.loads(run("distance", *images, "--metric", "cosine", "--json").stdout)
+    assert data["metric"] == "cosine" and data["matrix"][0][0] == pytest.approx(1.0)
+    assert data["matrix"][0][1] == data["matrix"][1][0] < 1
+
+
+def test_default_index_location_comes_from_the_environment(run, tmp_path, photos, monkeypatch):
+    monkeypatch.setenv("IMGINDEX_INDEX", str(tmp_path / "from-env"))
+    run("build", photos / "bonsai")
+    assert (tmp_path / "from-env" / "imgindex.db").exists()
+    assert "6 nearest of 6" in run("query", photos / "bonsai" / "image_0001.jpg").stdout
+
+
+# -- errors: one line on stderr, a non-zero status, never a traceback (real processes) ----------
+
+
+def imgindex(*args, cwd=None, env_index=None):
+    env = dict(os.environ)
+    if env_index:
+        env["IMGINDEX_INDEX"] = str(env_index)
+    return subprocess.run(
+        [sys.executable, "-m", "imgindex", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+    )
+
+
+def assert_one_line_error(result, code, *fragments):
+    assert result.returncode == code, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines, "no message on stderr"
+    message = lines[-1] if code == 2 else "\n".join(lines)
+    if code == 1:
+        assert len(lines) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in message, result.stderr
+
+
+def test_missing_index(tmp_path):
+    result = imgindex("query", DATA / "pizza" / "image_0001.jpg", "--index", tmp_path / "none")
+    assert_one_line_error(result, 1, "no index at", "imgindex build FOLDER")
+    result = imgindex("info", env_index=tmp_path / "none")
+    assert_one_line_error(result, 1, "from $IMGINDEX_INDEX", "imgindex build FOLDER`")
+    env = dict(os.environ, XDG_DATA_HOME=str(tmp_path / "xdg"))
+    del env["IMGINDEX_INDEX"]
+    result = subprocess.run(
+        [sys.executable, "-m", "imgindex", "info"], capture_output=True, text=True, env=env
+    )
+    assert_one_line_error(result, 1, f"default location {tmp_path}/xdg/imgindex/default")
+
+
+def test_usage_errors(tmp_path):
+    assert_one_line_error(imgindex("query", "x.jpg", "--metric", "manhattan"), 2, "manhattan")
+    assert_one_line_error(imgindex("build", tmp_path / "nowhere"), 2, "no such file or folder")
+    assert_one_line_error(imgindex("query", "x.jpg", "-k", "0"), 2, "0")
+    assert_one_line_error(imgindex("frobnicate"), 2, "No such command")
+
+
+@pytest.mark.slow
+def test_undecodable_query_and_distance_input(tmp_path):
+    bad = tmp_path / "notes.jpg"
+    bad.write_text("shopping list")
+    built = imgindex("build", DATA / "Leopards" / "image_0001.jpg", "--index", tmp_path / "idx")
+    assert built.returncode == 0, built.stderr
+    result = imgindex("query", bad, "--index", tmp_path / "idx")
+    assert_one_line_error(result, 1, str(bad), "not an image")
+    result = imgindex("query", tmp_path / "missing.jpg", "--index", tmp_path / "idx")
+    assert_one_line_error(result, 1, "missing.jpg", "not found")
+    result = imgindex("distance", DATA / "Leopards" / "image_0001.jpg", bad)
+    assert_one_line_error(result, 1, str(bad), "not an image")
+
+
+def test_help_and_version_start_without_torch():
+    code = (
+        "import sys; from imgindex.cli import cli\n"
+        "try:\n    cli(['--help'])\nexcept SystemExit:\n    pass\n"
+        "print('torch' in sys.modules, 'faiss' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.stdout.strip().endswith("False False")
+    assert "imgindex build" in out.stdout
+    version = imgindex("--version")
+    assert version.returncode == 0 and "0.1.0" in version.stdout
+
+
+def test_python_dash_m_and_console_script_agree():
+    script = Path(sys.executable).parent / "imgindex"
+    if script.exists():
+        out = subprocess.run([str(script), "--help"], capture_output=True, text=True)
+        assert out.returncode == 0 and "Find similar images" in out.stdout
+    assert "Find similar images" in imgindex("--help").stdout

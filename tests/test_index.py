@@ -1,0 +1,148 @@
+"""The Python API end to end, with the fast stand-in network: build, rebuild, search, look up."""
+
+import itertools
+import os
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import imgindex
+from imgindex.errors import IncompatibleIndexError
+
+from .conftest import FakeVectorizer, random_image
+
+
+def test_build_search_and_look_up(tmp_path, photos, fake_vectorizer):
+    seen = []
+    with imgindex.Index.create(tmp_path / "idx", vectorizer=fake_vectorizer) as index:
+        report = index.add(photos, progress=lambda p: seen.append((p.done, p.total)))
+        assert (report.added, report.updated, report.unchanged, report.skipped) == (36, 0, 0, [])
+        assert report.total == len(index) == index.count() == 36
+        assert seen[-1] == (36, 36) and all(d <= t for d, t in seen)
+
+        query = photos / "pizza" / "image_0003.jpg"
+        hits = index.search(query, k=5)
+        assert len(hits) == 5 and hits[0].path == str(query) and hits[0].score == 0.0
+        assert [h.rank for h in hits] == [1, 2, 3, 4, 5]
+        assert all(a.score <= b.score for a, b in itertools.pairwise(hits))
+
+        many = index.search([query, photos / "bonsai" / "image_0001.jpg"], k=3, metric="cosine")
+        assert [len(m) for m in many] == [3, 3]
+        assert many[1][0].path.endswith("bonsai/image_0001.jpg")
+        assert many[1][0].score == pytest.approx(1.0)
+
+        record = index.get(hits[0].id)
+        assert record.path == str(query)
+        assert record.size == query.stat().st_size
+        assert (record.width, record.height) == Image.open(query).size
+        assert index.find(query) == record
+        np.testing.assert_allclose(
+            index.vectors([record.id])[0], fake_vectorizer.vectorize(query), atol=1e-6
+        )
+        with pytest.raises(KeyError):
+            index.get(99999)
+
+
+def test_reopen_and_search_without_the_model_loaded(tmp_path, photos, fake_vectorizer):
+    with imgindex.Index.create(tmp_path / "idx", vectorizer=fake_vectorizer) as index:
+        index.add(photos)
+        vector = index.vectors([5])[0]
+    with imgindex.Index.open(tmp_path / "idx") as index:
+        assert index._vectorizer is None
+        hits = index.search_by_vector(vector, k=3)
+        assert hits[0].id == 5 and index._vectorizer is None
+
+
+def test_rebuild_embeds_only_new_and_changed_files(tmp_path, photos, fake_vectorizer):
+    with imgindex.Index.create(tmp_path / "idx", vectorizer=fake_vectorizer) as index:
+        index.add(photos)
+        again = index.add(photos)
+        assert (again.added, again.updated, again.unchanged, again.embedded) == (0, 0, 36, 0)
+
+        changed = photos / "pizza" / "image_0001.jpg"
+        old_id = index.find(changed).id
+        Image.open(photos / "bonsai" / "image_0001.jpg").save(changed)  # new content
+        touched = photos / "pizza" / "image_0002.jpg"
+        touched_id = index.find(touched).id
+        later = time.time() + 5
+        os.utime(touched, (later, later))  # same content, new time
+        random_image(photos / "new" / "extra.png")
+
+        report = index.add(photos)
+        assert (report.added, report.updated, report.unchanged, report.embedded) == (1, 1, 35, 2)
+        assert index.count() == 37
+        assert index.find(changed).id != old_id
+        assert index.find(touched).id == touched_id
+        assert index.find(touched).mtime == pytest.approx(later)
+        np.testing.assert_allclose(
+            index.vectors([index.find(changed).id])[0],
+            fake_vectorizer.vectorize(changed),
+            atol=1e-6,
+        )
+
+
+def test_bad_files_are_skipped_with_reasons_and_lose_nothing(tmp_path, photos, fake_vectorizer):
+    bad = photos / "bad"
+    bad.mkdir()
+    (bad / "empty.jpg").write_bytes(b"")
+    (bad / "text.jpg").write_text("not a picture")
+    good = random_image(bad / "fine.png")
+    cut = photos / "pizza" / "image_0004.jpg"
+    with imgindex.Index.create(tmp_path / "idx", vectorizer=fake_vectorizer) as index:
+        index.add(photos)
+        assert index.count() == 37
+        cut.write_bytes(cut.read_bytes()[:2000])  # truncated after it was indexed
+        report = index.add(photos)
+        reasons = {os.path.basename(s.path): s.reason for s in report.skipped}
+        assert set(reasons) == {"empty.jpg", "text.jpg", "image_0004.jpg"}
+        assert "empty" in reasons["empty.jpg"] and "not an image" in reasons["text.jpg"]
+        assert "truncated" in reasons["image_0004.jpg"]
+        assert index.count() == 37  # the broken file keeps its earlier entry
+        assert index.find(cut) is not None and index.find(good) is not None
+        assert {os.path.basename(p) for p, _ in index.skipped()} == set(reasons)
+
+
+def test_thin_and_huge_images_are_skipped(tmp_path, fake_vectorizer):
+    folder = tmp_path / "odd"
+    random_image(folder / "thin.png", size=(10000, 1))
+    random_image(folder / "ok.png", size=(50, 40))
+    with imgindex.Index.create(tmp_path / "idx", vectorizer=fake_vectorizer) as index:
+        report = index.add(folder, max_pixels=5_000)
+        assert report.added == 1
+        [skip] = report.skipped
+        assert skip.path.endswith("thin.png") and "over the limit" in skip.reason
+        report = index.add(folder)
+        assert "aspect ratio 10000:1" in report.skipped[0].reason
+
+
+def test_index_refuses_vectors_from_other_weights(tmp_path, photos, fake_vectorizer):
+    with imgindex.Index.create(tmp_path / "idx", vectorizer=fake_vectorizer) as index:
+        index.add(photos / "pizza")
+
+    class OtherWeights(FakeVectorizer):
+        def _resolve_weights(self, weights):
+            w = super()._resolve_weights(weights)
+            return type(w)(path=w.path, sha256="f" * 64, is_default=False)
+
+    with pytest.raises(IncompatibleIndexError, match="built with weights 000000000000"):
+        imgindex.Index.open(tmp_path / "idx", vectorizer=OtherWeights(device="cpu"))
+
+
+def test_empty_folder_builds_an_empty_index(tmp_path, fake_vectorizer):
+    (tmp_path / "empty").mkdir()
+    with imgindex.Index.create(tmp_path / "idx", vectorizer=fake_vectorizer) as index:
+        report = index.add(tmp_path / "empty")
+        assert (report.added, report.total, report.skipped) == (0, 0, [])
+        assert index.search_by_vector(np.zeros(768), k=3) == []
+
+
+def test_info_describes_the_index(tmp_path, photos, fake_vectorizer):
+    with imgindex.Index.create(tmp_path / "idx", vectorizer=fake_vectorizer) as index:
+        index.add(photos / "Leopards")
+        info = index.info()
+    assert info["images"] == 6 and info["dim"] == 768 and info["index_type"] == "Flat"
+    assert info["weights_sha256"] == "0" * 64 and info["metrics"] == ["l2", "cosine"]
+    assert info["preprocessing"]["short_side"] == 350
+    assert info["bytes_on_disk"] > 6 * 768 * 4
