@@ -12,6 +12,7 @@ unchanged are not read again, and files whose content hash is unchanged are not 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import os
 import time
 from collections import defaultdict
@@ -170,6 +171,8 @@ def build(
     buckets: dict[tuple[int, ...], list[_Decoded]] = defaultdict(list)
     pending = 0
     batch_size = vectorizer.batch_size
+    if progress and todo:
+        progress(state)
     try:
         for path, outcome in _map_bounded(decode, todo, workers, ahead=4 * batch_size):
             if isinstance(outcome, ImageError):
@@ -198,10 +201,14 @@ def build(
             skipped_pending.clear()
         if progress:
             progress(state)
-    finally:
-        # Whatever was committed is saved to the FAISS file too, even after Ctrl-C; had this not
-        # run, the next open would rebuild the FAISS index from SQLite instead.
-        store.save_vector_index()
+    except BaseException:
+        # Whatever was committed is saved to the FAISS file too, even after Ctrl-C. Should that
+        # fail as well (a full disk), the next open rebuilds it from SQLite; the first error is
+        # the one to report.
+        with contextlib.suppress(Exception):
+            store.save_vector_index()
+        raise
+    store.save_vector_index()
     report.embedded = state.embedded
     report.seconds = time.perf_counter() - started
     report.total = store.count()

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import fcntl
+import itertools
 import json
 import os
 from collections.abc import Iterable, Iterator, Sequence
@@ -34,6 +35,8 @@ from imgindex.errors import IncompatibleIndexError, IndexLockedError, IndexNotFo
 DB_NAME = "imgindex.db"
 FAISS_NAME = "vectors.faiss"
 LOCK_NAME = "write.lock"
+
+_GENERATIONS = itertools.count()
 
 
 @dataclass(frozen=True)
@@ -125,8 +128,9 @@ class Store:
         self.dim = int(self.meta("dim"))
         self._lock_fh: Any = None
         self.vector_index = self._load_or_rebuild_faiss()
-        # Bumped whenever vector_index changes in memory, so derived indexes know to rebuild.
-        self.generation = 0
+        # Changes whenever vector_index changes in memory, so derived indexes know to rebuild;
+        # unique across Store objects, so a reopened store never repeats an old value.
+        self.generation = next(_GENERATIONS)
 
     # -- opening ----------------------------------------------------------------------------
 
@@ -361,7 +365,7 @@ class Store:
             self.vector_index.remove_ids(np.asarray(replaced, dtype=np.int64))
         if new_ids:
             self.vector_index.add_with_ids(vectors, np.asarray(new_ids, dtype=np.int64))
-        self.generation += 1
+        self.generation = next(_GENERATIONS)
         return new_ids
 
     def touch(self, image_id: int, image: NewImage) -> None:

@@ -146,3 +146,24 @@ def test_info_describes_the_index(tmp_path, photos, fake_vectorizer):
     assert info["weights_sha256"] == "0" * 64 and info["metrics"] == ["l2", "cosine"]
     assert info["preprocessing"]["short_side"] == 350
     assert info["bytes_on_disk"] > 6 * 768 * 4
+
+
+def test_interrupted_build_keeps_committed_batches_and_resumes(tmp_path, photos, fake_vectorizer):
+    class Stop(KeyboardInterrupt):
+        pass
+
+    def interrupt_after_first_batch(state):
+        if state.embedded:
+            raise Stop
+
+    with imgindex.Index.create(tmp_path / "idx", vectorizer=fake_vectorizer) as index:
+        with pytest.raises(Stop):
+            index.add(photos, progress=interrupt_after_first_batch)
+        committed = index.count()
+    assert 0 < committed < 36
+    with imgindex.Index.open(tmp_path / "idx", vectorizer=fake_vectorizer) as index:
+        store = index._store
+        assert store.vector_index.ntotal == store.count() == committed
+        report = index.add(photos)
+        assert (report.unchanged, report.added, index.count()) == (committed, 36 - committed, 36)
+        assert len({r.path for r in index.records()}) == 36
