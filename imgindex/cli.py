@@ -166,6 +166,7 @@ def cli() -> None:
     imgindex query photo.jpg            the 10 most similar indexed images
     imgindex distance a.jpg b.jpg c.jpg pairwise distances, no index needed
     imgindex info                       what an index holds
+    imgindex check                      verify an index (repair fixes it)
     """
     # Our own pixel limit (--max-pixels) gives the user the real answer; Pillow's warning
     # about the same images would only be noise on the terminal.
@@ -174,85 +175,254 @@ def cli() -> None:
     warnings.simplefilter("ignore", Image.DecompressionBombWarning)
 
 
+def ingest_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    for option in reversed(
+        [
+            click.option(
+                "--batch-size",
+                default=16,
+                show_default=True,
+                type=click.IntRange(1),
+                help="Images per batch.",
+            ),
+            click.option(
+                "--workers",
+                default=None,
+                type=click.IntRange(1),
+                help="Threads reading and decoding images. Default: up to 4.",
+            ),
+            click.option(
+                "--max-pixels",
+                default=None,
+                type=click.IntRange(1),
+                help="Refuse images larger than this many pixels, before decoding. "
+                "Default: 89,478,485.",
+            ),
+            click.option(
+                "--strict", is_flag=True, help="Exit with status 1 if any file was skipped."
+            ),
+            click.option("--progress/--no-progress", default=True, help="Progress on a terminal."),
+        ]
+    ):
+        fn = option(fn)
+    return fn
+
+
+def wait_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--wait",
+        default=0.0,
+        type=click.FloatRange(0),
+        metavar="SECONDS",
+        help="If another process is writing to the index, wait this long for it. Default: 0.",
+    )(fn)
+
+
+def _say_waiting(holder: str) -> None:
+    click.echo(f"Waiting for the index lock, held by {holder} ...", err=True)
+
+
 @cli.command()
-@click.argument("folders", nargs=-1, required=True, type=click.Path(path_type=Path, exists=False))
+@click.argument("folders", nargs=-1, required=True, type=click.Path(path_type=Path))
 @index_option
 @model_options
+@ingest_options
 @click.option(
-    "--batch-size", default=16, show_default=True, type=click.IntRange(1), help="Images per batch."
+    "--keep-missing",
+    is_flag=True,
+    help="Keep the entries of files that no longer exist (default: remove them).",
 )
-@click.option(
-    "--workers",
-    default=None,
-    type=click.IntRange(1),
-    help="Threads reading and decoding images. Default: up to 4.",
-)
-@click.option(
-    "--max-pixels",
-    default=None,
-    type=click.IntRange(1),
-    help="Refuse images larger than this many pixels, before decoding. Default: 89,478,485.",
-)
-@click.option("--progress/--no-progress", default=True, help="Show progress on a terminal.")
+@wait_option
 @json_option
 @user_errors
-def build(
-    folders: tuple[Path, ...],
+def build(folders: tuple[Path, ...], keep_missing: bool, **options: Any) -> None:
+    """Index the images in FOLDERS (recursively; files may be named too).
+
+    Creates the index if it does not exist. Running it again brings the index up to date:
+    new and changed files are embedded, moved or copied files reuse their stored vectors, and
+    entries of files that no longer exist under FOLDERS are removed (see --keep-missing).
+    Unreadable files are skipped and listed at the end; they never stop the build.
+    """
+    _ingest(folders, remove_missing=not keep_missing, **options)
+
+
+@cli.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@index_option
+@model_options
+@ingest_options
+@wait_option
+@json_option
+@user_errors
+def add(paths: tuple[Path, ...], **options: Any) -> None:
+    """Add or update the images in PATHS (files or folders); removes nothing."""
+    _ingest(paths, remove_missing=False, **options)
+
+
+def _ingest(
+    paths: tuple[Path, ...],
+    *,
+    remove_missing: bool,
     index_path: Path | None,
     weights: Path | None,
     device: str,
     batch_size: int,
     workers: int | None,
     max_pixels: int | None,
+    strict: bool,
     progress: bool,
+    wait: float,
     as_json: bool,
 ) -> None:
-    """Index the images in FOLDERS (recursively; files may be named too).
-
-    Creates the index if it does not exist. Running it again embeds only new and changed files.
-    Unreadable files are skipped and listed at the end; they never stop the build.
-    """
     from imgindex.index import Index, default_index_path
-
-    for folder in folders:
-        if not os.path.lexists(folder):
-            raise click.BadParameter(f"{folder}: no such file or folder", param_hint="FOLDERS")
-    path = index_path or default_index_path()
     from imgindex.store import DB_NAME
 
-    created = not (path / DB_NAME).exists()
+    for path in paths:
+        if not os.path.lexists(path):
+            raise click.BadParameter(f"{path}: no such file or folder", param_hint="PATHS")
+    location = index_path or default_index_path()
+    created = not (location / DB_NAME).exists()
     with Index.open(
-        path, create=True, weights=weights, device=device, batch_size=batch_size
+        location, create=True, weights=weights, device=device, batch_size=batch_size
     ) as index:
         if created and not as_json:
-            click.echo(f"Created index {path}", err=True)
+            click.echo(f"Created index {location}", err=True)
         bar = ProgressLine(progress and not as_json)
         try:
-            report = index.add(folders, progress=bar, workers=workers, max_pixels=max_pixels)
+            report = index.sync(
+                paths,
+                progress=bar,
+                workers=workers,
+                max_pixels=max_pixels,
+                remove_missing=remove_missing,
+                wait=wait,
+                on_wait=_say_waiting,
+            )
         finally:
             bar.finish()
         info = index.info()
     if as_json:
-        print_json({"index": str(path), **report.as_dict()})
-        return
+        print_json({"index": str(location), **report.as_dict()})
+    else:
+        _print_report(report, location, info)
+    if strict and report.skipped:
+        raise click.ClickException(f"--strict: {len(report.skipped)} file(s) were skipped")
+
+
+def _print_report(report: Any, location: Path, info: dict[str, Any]) -> None:
     counts = (
-        f"{report.added} added, {report.updated} updated, {report.unchanged} unchanged, "
-        f"{len(report.skipped)} skipped"
+        f"{report.added} added, {report.updated} updated, {report.renamed} renamed, "
+        f"{report.removed} removed, {report.unchanged} unchanged, {len(report.skipped)} skipped"
     )
     if report.embedded:
         click.echo(
-            f"Indexed {report.embedded} images in {report.seconds:.1f} s "
+            f"Embedded {report.embedded} images in {report.seconds:.1f} s "
             f"({report.images_per_second:.1f} images/s): {counts}."
         )
     else:
         click.echo(f"Nothing to embed ({report.seconds:.1f} s): {counts}.")
+    if report.reused:
+        click.echo(f"Reused the stored vectors of {report.reused} moved or copied files.")
     if report.skipped:
         click.echo(f"Skipped {len(report.skipped)} file(s):")
         for item in report.skipped[:20]:
             click.echo(f"  {display_path(item.path)}: {item.reason}")
         if len(report.skipped) > 20:
             click.echo(f"  ... and {len(report.skipped) - 20} more (imgindex info --skipped)")
-    click.echo(f"Index {path}: {report.total} images, {_size(info['bytes_on_disk'])} on disk.")
+    click.echo(f"Index {location}: {report.total} images, {_size(info['bytes_on_disk'])} on disk.")
+
+
+@cli.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@index_option
+@wait_option
+@json_option
+@user_errors
+def remove(paths: tuple[Path, ...], index_path: Path | None, wait: float, as_json: bool) -> None:
+    """Remove the entries of PATHS (files, or folders: all entries under them) from the index.
+
+    The files themselves are not touched, and need not exist any more.
+    """
+    with _open_index(index_path) as index:
+        removed = index.remove(paths, wait=wait, on_wait=_say_waiting)
+        remaining = index.count()
+    if as_json:
+        print_json({"removed": removed, "total": remaining})
+    else:
+        click.echo(f"Removed {removed} entries; {remaining} images remain.")
+
+
+@cli.command()
+@index_option
+@click.option(
+    "--weights",
+    type=click.Path(path_type=Path, dir_okay=False),
+    envvar="IMGINDEX_WEIGHTS",
+    help="The weights queries will use (checked against the index).",
+)
+@click.option("--no-files", is_flag=True, help="Do not check that the indexed files exist.")
+@json_option
+@user_errors
+def check(index_path: Path | None, weights: Path | None, no_files: bool, as_json: bool) -> None:
+    """Verify an index: rows against vectors, the FAISS file, the weights, missing files.
+
+    Exits with status 1 if anything is wrong; `imgindex repair` fixes what it can.
+    """
+    from imgindex.store import FAISS_NAME
+
+    with _open_index(index_path, weights=weights) as index:
+        report = index.check(check_files=not no_files)
+        location = index.path
+    if as_json:
+        print_json({"index": str(location), **report.as_dict()})
+    else:
+        faiss_file = "none" if report.faiss_file is None else str(report.faiss_file)
+        click.echo(
+            f"Index {location}: {report.images} images, {report.vectors} stored vectors, "
+            f"{faiss_file} in {FAISS_NAME}"
+        )
+        for problem in report.problems:
+            click.echo(f"  problem: {problem}")
+        for warning in report.warnings:
+            click.echo(f"  warning: {warning}")
+        if report.missing_files:
+            click.echo(
+                f"  problem: {len(report.missing_files)} indexed files no longer exist "
+                "(`imgindex build` on their folder or `imgindex repair --remove-missing` "
+                "removes their entries):"
+            )
+            for text in report.missing_files[:20]:
+                click.echo(f"    {display_path(text)}")
+            if len(report.missing_files) > 20:
+                click.echo(f"    ... and {len(report.missing_files) - 20} more")
+        click.echo("OK" if report.ok else "The index has problems.")
+    if not report.ok:
+        sys.exit(1)
+
+
+@cli.command()
+@index_option
+@click.option(
+    "--remove-missing", is_flag=True, help="Also remove the entries of files that no longer exist."
+)
+@wait_option
+@json_option
+@user_errors
+def repair(index_path: Path | None, remove_missing: bool, wait: float, as_json: bool) -> None:
+    """Fix what can be fixed without re-embedding: rebuild the FAISS file from the stored
+    vectors, drop rows without a usable vector and vectors without a row, delete leftover
+    temporary files."""
+    with _open_index(index_path) as index:
+        done = index.repair(remove_missing=remove_missing, wait=wait, on_wait=_say_waiting)
+        remaining = index.count()
+    if as_json:
+        print_json({**done, "total": remaining})
+        return
+    for key, value in done.items():
+        click.echo(f"{key.replace('_', ' ')}: {value}")
+    if done["rows_without_vector_removed"]:
+        click.echo("Run `imgindex build` on their folders to embed the removed images again.")
+    click.echo(f"Repaired; {remaining} images.")
 
 
 @cli.command()

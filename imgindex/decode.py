@@ -43,6 +43,22 @@ def read_image_file(
 ) -> ImageFile:
     """Read, hash and decode one file. Raises ImageError naming the file and the reason."""
     path = Path(path)
+    data, st = read_file(path)
+    pixels = decode_image_bytes(data, os.fsdecode(path), max_pixels)
+    return ImageFile(
+        path=path,
+        pixels=pixels,
+        sha256=hashlib.sha256(data).hexdigest(),
+        size=len(data),
+        mtime=st.st_mtime,
+        width=pixels.shape[1],
+        height=pixels.shape[0],
+    )
+
+
+def read_file(path: Path) -> tuple[bytes, os.stat_result]:
+    """The bytes of a file and its status, read through one open file handle (so the time and
+    size describe the bytes even if the file is being replaced). Raises ImageError."""
     name = os.fsdecode(path)
     try:
         with open(path, "rb") as fh:
@@ -58,16 +74,7 @@ def read_image_file(
         raise ImageError(name, f"cannot read file ({exc.strerror or exc})") from None
     if not data:
         raise ImageError(name, "empty file (0 bytes)")
-    pixels = decode_image_bytes(data, name, max_pixels)
-    return ImageFile(
-        path=path,
-        pixels=pixels,
-        sha256=hashlib.sha256(data).hexdigest(),
-        size=len(data),
-        mtime=st.st_mtime,
-        width=pixels.shape[1],
-        height=pixels.shape[0],
-    )
+    return data, st
 
 
 def decode_image_bytes(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:

@@ -13,16 +13,17 @@ pipeline, and exact L2 / cosine search.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from imgindex import ingest
-from imgindex.errors import IncompatibleIndexError
-from imgindex.model import Vectorizer, _split_batch
+from imgindex.errors import IncompatibleIndexError, WeightsError
+from imgindex.model import Vectorizer, _split_batch, resolve_weights
 from imgindex.search import Hit, VectorSearch, check_metric
-from imgindex.store import DB_NAME, ImageRecord, Store
+from imgindex.store import DB_NAME, CheckReport, ImageRecord, Store, path_text
 
 INDEX_ENV = "IMGINDEX_INDEX"
 
@@ -142,24 +143,121 @@ class Index:
 
     # -- adding -----------------------------------------------------------------------------
 
+    def sync(
+        self,
+        folders: Any,
+        progress: ingest.ProgressCallback | None = None,
+        *,
+        workers: int | None = None,
+        max_pixels: int | None = None,
+        remove_missing: bool = True,
+        wait: float = 0.0,
+        on_wait: Callable[[str], None] | None = None,
+    ) -> ingest.BuildReport:
+        """Bring the index up to date with the images under ``folders`` (what ``imgindex
+        build`` does): new and changed files are embedded, moved and copied files reuse their
+        stored vectors, and entries of files that no longer exist under ``folders`` are removed
+        (unless ``remove_missing=False``). Unreadable files are reported in the returned
+        :class:`~imgindex.ingest.BuildReport`, never raised.
+
+        ``wait`` is how many seconds to wait for another process writing to the index.
+        """
+        if isinstance(folders, (str, os.PathLike)):
+            folders = [folders]
+        store = self._writable_store()
+        store.lock(wait, on_wait)
+        try:
+            return ingest.build(
+                store, self.vectorizer, folders, progress, workers, max_pixels, remove_missing
+            )
+        finally:
+            store.unlock()
+
     def add(
         self,
         paths: Any,
         progress: ingest.ProgressCallback | None = None,
+        *,
         workers: int | None = None,
         max_pixels: int | None = None,
+        wait: float = 0.0,
+        on_wait: Callable[[str], None] | None = None,
     ) -> ingest.BuildReport:
-        """Index the images in ``paths`` (folders are walked recursively; files are taken as
-        given). Unchanged files already in the index are skipped; unreadable ones are reported
-        in the returned :class:`~imgindex.ingest.BuildReport`, never raised."""
+        """Add (or update) the images in ``paths``, files or folders, removing nothing."""
+        return self.sync(
+            paths,
+            progress,
+            workers=workers,
+            max_pixels=max_pixels,
+            remove_missing=False,
+            wait=wait,
+            on_wait=on_wait,
+        )
+
+    def remove(
+        self, paths: Any, *, wait: float = 0.0, on_wait: Callable[[str], None] | None = None
+    ) -> int:
+        """Remove the entries of ``paths`` (files, or folders: every entry under them) from the
+        index; the files themselves are not touched. Returns how many entries went."""
         if isinstance(paths, (str, os.PathLike)):
             paths = [paths]
+        texts = [path_text(os.path.abspath(p)) for p in paths]
         store = self._writable_store()
-        store.lock()
+        store.lock(wait, on_wait)
         try:
-            return ingest.build(store, self.vectorizer, paths, progress, workers, max_pixels)
+            ids = [
+                image_id
+                for image_id, text, *_ in store.file_rows()
+                if any(text == t or text.startswith(t.rstrip(os.sep) + os.sep) for t in texts)
+            ]
+            removed = store.remove(ids)
+            store.forget_skipped(
+                [
+                    text
+                    for text, _raw, _reason in store.skipped_files()
+                    if any(text == t or text.startswith(t.rstrip(os.sep) + os.sep) for t in texts)
+                ]
+            )
+            store.save_vector_index()
+            return removed
         finally:
             store.unlock()
+
+    def check(self, check_files: bool = True) -> CheckReport:
+        """Verify the index (see :class:`~imgindex.store.CheckReport`); changes nothing. The
+        weights check compares the index with the weights queries would use now."""
+        try:
+            if self._vectorizer is not None:
+                sha = self._vectorizer.weights.sha256
+            else:
+                sha = resolve_weights(self._vectorizer_args["weights"]).sha256
+            weights_problem = None
+        except WeightsError as exc:
+            sha, weights_problem = None, str(exc)
+        report = self._store.check(weights_sha256=sha, check_files=check_files)
+        if weights_problem:
+            report.problems.append(f"weights: {weights_problem}")
+        return report
+
+    def repair(
+        self,
+        remove_missing: bool = False,
+        *,
+        wait: float = 0.0,
+        on_wait: Callable[[str], None] | None = None,
+    ) -> dict[str, int]:
+        """Fix what can be fixed without re-embedding; see :meth:`Store.repair`."""
+        store = self._writable_store()
+        store.lock(wait, on_wait)
+        try:
+            return store.repair(remove_missing=remove_missing)
+        finally:
+            store.unlock()
+
+    def refresh(self) -> None:
+        """See changes other processes committed since the index was opened (searches do this
+        by themselves)."""
+        self._store.refresh()
 
     def _writable_store(self) -> Store:
         if not self._store.writable:
@@ -216,10 +314,17 @@ class Index:
             raise ValueError(
                 f"expected vectors of {self._store.dim} numbers, got {matrix.shape[1]}"
             )
-        found = self._search.search(
-            self._store.vector_index, self._store.generation, matrix, k, metric
-        )
-        records = self._store.get_many({i for row in found for i, _ in row})
+        # The FAISS index and the rows are read at different moments; if a writer removed a
+        # found image in between, search again on the newer state instead of returning a hit
+        # without a row (or a short list).
+        for _attempt in range(5):
+            self._store.refresh()
+            found = self._search.search(
+                self._store.vector_index, self._store.generation, matrix, k, metric
+            )
+            records = self._store.get_many({i for row in found for i, _ in row})
+            if all(i in records for row in found for i, _ in row):
+                break
         results = [
             [
                 Hit(rank=rank, id=i, path=records[i].path, score=s, metric=metric)

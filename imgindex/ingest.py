@@ -1,28 +1,37 @@
-"""Files to vectors to the index: walk -> read and decode (threads) -> batch by shape -> embed ->
-commit, with progress.
+"""Files to vectors to the index: walk -> read, hash, decode (threads) -> batch by shape -> embed
+-> commit, with progress. Also the sync rules that make a re-run cheap.
 
-Decoding and resizing run in a thread pool (Pillow and PyTorch release the GIL) while the main
-thread embeds. Images are batched only with images of the same resized shape, so every vector is
-the one a one-by-one call would give. Each embedded batch is committed to SQLite in its own
-transaction together with the files skipped so far, so an interrupted build loses at most one
-batch of work and a re-run picks up where it stopped: files whose size and modification time are
-unchanged are not read again, and files whose content hash is unchanged are not embedded again.
+Reading, hashing, decoding and resizing run in a thread pool (file I/O, hashlib, Pillow and
+PyTorch release the GIL) while the main thread embeds and writes. Images are batched only with
+images of the same resized shape, so every vector is the one a one-by-one call would give.
+
+Each embedded batch is committed to SQLite in its own transaction (with the files skipped so
+far), so an interrupted build keeps everything committed before the interruption and a re-run
+picks up where it stopped. A re-run of the same folders:
+
+* does not open files whose size and modification time are unchanged;
+* does not embed a file whose content hash is already in the index: a file that moved (its old
+  path is gone) keeps its id and vector under the new path ("renamed"), a copy gets a new entry
+  with the stored vector, a file merely touched keeps its entry;
+* removes the entries of files that no longer exist under the folders given (unless told to keep
+  them). A file that exists but could not be read this time keeps its earlier entry.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
 import contextlib
+import hashlib
 import os
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-from imgindex.decode import read_image_file
-from imgindex.errors import ImageError
+from imgindex.decode import decode_image_bytes, read_file
+from imgindex.errors import ImageError, ImgIndexError
 from imgindex.files import walk_images
 from imgindex.store import NewImage, Store, path_text
 
@@ -30,6 +39,10 @@ if TYPE_CHECKING:
     import torch
 
     from imgindex.model import Vectorizer
+
+# A long build saves its FAISS file this often, so that opening the index after a crash has
+# little to reconcile; the save itself is atomic.
+SAVE_EVERY_SECONDS = 300.0
 
 
 @dataclass(frozen=True)
@@ -42,9 +55,9 @@ class Skipped:
 
 @dataclass
 class Progress:
-    """Where a build stands; passed to the progress callback after every batch."""
+    """Where a build stands; passed to the progress callback as files are processed."""
 
-    total: int  # files to read and embed in this build (unchanged files excluded)
+    total: int  # files to read in this build (files with unchanged size and time excluded)
     done: int = 0  # of those, finished (embedded, reused or skipped)
     embedded: int = 0
     started: float = field(default_factory=time.perf_counter)
@@ -63,11 +76,14 @@ class BuildReport:
     """What a build did."""
 
     added: int = 0  # new paths
-    updated: int = 0  # known paths whose content changed (re-embedded)
-    unchanged: int = 0  # known paths with the same size and time, or the same content hash
+    updated: int = 0  # known paths whose content changed
+    renamed: int = 0  # files that moved: same content at a new path, old path gone
+    removed: int = 0  # entries of files that no longer exist
+    unchanged: int = 0  # known paths with the same size and time, or the same content
     skipped: list[Skipped] = field(default_factory=list)
+    embedded: int = 0  # images run through the network
+    reused: int = 0  # new entries that got an already stored vector (copies, renames)
     seconds: float = 0.0
-    embedded: int = 0
     total: int = 0  # images in the index afterwards
 
     @property
@@ -78,8 +94,12 @@ class BuildReport:
         return {
             "added": self.added,
             "updated": self.updated,
+            "renamed": self.renamed,
+            "removed": self.removed,
             "unchanged": self.unchanged,
             "skipped": [{"path": s.path, "reason": s.reason} for s in self.skipped],
+            "embedded": self.embedded,
+            "reused": self.reused,
             "seconds": round(self.seconds, 3),
             "images_per_second": round(self.images_per_second, 2),
             "total": self.total,
@@ -89,11 +109,21 @@ class BuildReport:
 ProgressCallback = Callable[[Progress], None]
 
 
+class _Row(NamedTuple):
+    id: int
+    raw: bytes
+    size: int
+    mtime: float
+    sha: str
+
+
 @dataclass
-class _Decoded:
+class _Read:
+    """A file read by a worker: its facts, and its pixels ready for the network unless its
+    content is already in the index (then ``tensor`` is None and nothing was decoded)."""
+
     image: NewImage
-    tensor: torch.Tensor | None  # None: content unchanged, no embedding needed
-    known_id: int | None
+    tensor: torch.Tensor | None
 
 
 def build(
@@ -103,126 +133,271 @@ def build(
     progress: ProgressCallback | None = None,
     workers: int | None = None,
     max_pixels: int | None = None,
+    remove_missing: bool = True,
 ) -> BuildReport:
-    """Index every image under ``roots`` into ``store``. See the module docstring."""
-    started = time.perf_counter()
-    report = BuildReport()
-    skipped_pending: list[tuple[Path, str]] = []
+    """Bring the index up to date with the images under ``roots``. See the module docstring."""
+    return _Build(store, vectorizer, progress, max_pixels).run(roots, workers, remove_missing)
 
-    def skip(path: Path, reason: str) -> None:
-        report.skipped.append(Skipped(path_text(path), reason))
-        skipped_pending.append((path, reason))
 
-    known = {
-        path: (image_id, size, mtime, sha)
-        for image_id, path, size, mtime, sha in store.db.execute(
-            "SELECT id, path, size, mtime, sha256 FROM images"
-        )
-    }
-    todo: list[Path] = []
-    for path in walk_images(roots, on_error=skip):
-        row = known.get(path_text(path))
-        if row is not None:
-            try:
-                st = os.stat(path)
-            except OSError:
-                st = None
-            if st is not None and (st.st_size, st.st_mtime) == (row[1], row[2]):
-                report.unchanged += 1
-                continue
-        todo.append(path)
+class _Build:
+    def __init__(
+        self,
+        store: Store,
+        vectorizer: Vectorizer,
+        progress: ProgressCallback | None,
+        max_pixels: int | None,
+    ):
+        self.store = store
+        self.vectorizer = vectorizer
+        self.progress = progress
+        self.max_pixels = max_pixels if max_pixels is not None else vectorizer.max_pixels
+        self.report = BuildReport()
+        self.state = Progress(total=0)
+        self.skips_to_record: list[tuple[Path, str]] = []
+        self.known: dict[str, _Row] = {}
+        self.by_sha: dict[str, set[int]] = {}
+        self.gone: dict[int, str] = {}  # id -> path of entries whose file no longer exists
 
-    state = Progress(total=len(todo))
-    limit = max_pixels if max_pixels is not None else vectorizer.max_pixels
+    # -- the plan ---------------------------------------------------------------------------
 
-    def decode(path: Path) -> _Decoded:
+    def run(
+        self, roots: Iterable[str | os.PathLike[str]], workers: int | None, remove_missing: bool
+    ) -> BuildReport:
+        started = time.perf_counter()
+        roots = [Path(os.path.abspath(r)) for r in roots]
+        for row in self.store.file_rows():
+            image_id, text, raw, size, mtime, sha = row
+            self.known[text] = _Row(image_id, raw, size, mtime, sha)
+            self.by_sha.setdefault(sha, set()).add(image_id)
+        try:
+            walked = list(walk_images(roots, on_error=self.skip))
+        except FileNotFoundError as exc:
+            raise ImgIndexError(str(exc)) from None
+        walked_texts = {path_text(p) for p in walked}
+        todo = [p for p in walked if not self._unchanged(p)]
+        self._find_gone(roots, walked_texts)
+        self.state = Progress(total=len(todo))
+        self._notify()
+        try:
+            self._process(todo, workers)
+            if remove_missing and self.gone:
+                self.report.removed = self.store.remove(self.gone)
+            self._forget_vanished_skips(roots, walked_texts)
+        except BaseException:
+            # Whatever was committed is saved to the FAISS file too, even after Ctrl-C. Should
+            # that fail as well (a full disk), the next open reconciles the old file with
+            # SQLite; the first error is the one to report.
+            with contextlib.suppress(Exception):
+                self.store.save_vector_index()
+            raise
+        self.store.save_vector_index()
+        self.report.embedded = self.state.embedded
+        self.report.seconds = time.perf_counter() - started
+        self.report.total = self.store.count()
+        return self.report
+
+    def _unchanged(self, path: Path) -> bool:
+        row = self.known.get(path_text(path))
+        if row is None:
+            return False
+        try:
+            st = os.stat(path)
+        except OSError:
+            return False  # reading it will say why
+        if (st.st_size, st.st_mtime) != (row.size, row.mtime):
+            return False
+        self.report.unchanged += 1
+        return True
+
+    def _find_gone(self, roots: list[Path], walked: set[str]) -> None:
+        """Entries under ``roots`` whose files no longer exist. A file that exists but was not
+        walked (in a folder that could not be listed, say) is not gone."""
+        for text, row in self.known.items():
+            if text not in walked and _under(text, roots) and not os.path.lexists(row.raw):
+                self.gone[row.id] = text
+
+    def _forget_vanished_skips(self, roots: list[Path], walked: set[str]) -> None:
+        vanished = [
+            text
+            for text, raw, _reason in self.store.skipped_files()
+            if text not in walked and _under(text, roots) and not os.path.lexists(raw)
+        ]
+        if vanished:
+            self.store.forget_skipped(vanished)
+
+    # -- reading (worker threads) -----------------------------------------------------------
+
+    def read(self, path: Path, known_shas: frozenset[str], force_decode: bool = False) -> _Read:
         name = os.fsdecode(path)
         try:
-            decoded = read_image_file(path, limit)
-            image = NewImage(
-                path, decoded.sha256, decoded.size, decoded.mtime, decoded.width, decoded.height
-            )
-            row = known.get(path_text(path))
-            if row is not None and row[3] == decoded.sha256:
-                return _Decoded(image, None, row[0])  # touched, not changed: keep its vector
-            tensor = vectorizer.preprocessing.resize(decoded.pixels, name)
-            return _Decoded(image, tensor, row[0] if row else None)
+            data, st = read_file(path)
+            sha = hashlib.sha256(data).hexdigest()
+            if sha in known_shas and not force_decode:
+                image = NewImage(path, sha, len(data), st.st_mtime, 0, 0)
+                return _Read(image, None)  # dimensions come from the entry with this content
+            pixels = decode_image_bytes(data, name, self.max_pixels)
+            image = NewImage(path, sha, len(data), st.st_mtime, pixels.shape[1], pixels.shape[0])
+            return _Read(image, self.vectorizer.preprocessing.resize(pixels, name))
         except ImageError:
             raise
         except Exception as exc:  # a surprise from a decoder must not stop the build
             raise ImageError(name, f"unexpected error ({type(exc).__name__}: {exc})") from exc
 
-    def commit(items: list[_Decoded]) -> None:
+    # -- the main loop ----------------------------------------------------------------------
+
+    def _process(self, todo: list[Path], workers: int | None) -> None:
+        batch_size = self.vectorizer.batch_size
+        buckets: dict[tuple[int, ...], list[_Read]] = defaultdict(list)
+        pending = 0
+        known_shas = frozenset(self.by_sha)
+        results = _map_bounded(
+            lambda p: self.read(p, known_shas), todo, workers, ahead=4 * batch_size
+        )
+        for path, outcome in results:
+            if isinstance(outcome, ImageError):
+                self.skip(path, outcome.reason)
+                self.state.done += 1
+            elif self._reuse(outcome):
+                self.state.done += 1
+            elif outcome.tensor is None:
+                # Its only twin was replaced earlier in this build: embed it after all.
+                self._queue_alone(path, buckets)
+                pending += 1
+            else:
+                buckets[tuple(outcome.tensor.shape)].append(outcome)
+                pending += 1
+            shape = self._full_bucket(buckets, batch_size, pending)
+            if shape is not None:
+                pending -= len(buckets[shape])
+                self._embed(buckets.pop(shape))
+            self._notify()
+        for shape in list(buckets):
+            self._embed(buckets.pop(shape))
+        if self.skips_to_record:
+            self.store.record_skipped(self.skips_to_record)
+            self.skips_to_record.clear()
+        self._notify()
+
+    def _queue_alone(self, path: Path, buckets: dict[tuple[int, ...], list[_Read]]) -> None:
+        try:
+            again = self.read(path, frozenset(), force_decode=True)
+        except ImageError as exc:
+            self.skip(path, exc.reason)
+            return
+        buckets[tuple(again.tensor.shape)].append(again)
+
+    @staticmethod
+    def _full_bucket(
+        buckets: dict[tuple[int, ...], list[_Read]], batch_size: int, pending: int
+    ) -> tuple[int, ...] | None:
+        """The bucket to embed now: a full one, or the fullest when too many images wait (to
+        bound memory when many shapes are in flight)."""
+        if not buckets:
+            return None
+        shape = max(buckets, key=lambda s: len(buckets[s]))
+        if len(buckets[shape]) >= batch_size or pending >= 2 * batch_size:
+            return shape
+        return None
+
+    def _reuse(self, read: _Read) -> bool:
+        """Index ``read`` without embedding it if its content is already stored. Returns
+        whether it did."""
+        image = read.image
+        text = path_text(image.path)
+        here = self.known.get(text)
+        if here is not None and here.sha == image.sha256:
+            self.store.touch(here.id, image)
+            self.known[text] = here._replace(size=image.size, mtime=image.mtime)
+            self.report.unchanged += 1
+            return True
+        twins = self.by_sha.get(image.sha256)
+        if not twins:
+            return False
+        moved = next((i for i in sorted(twins) if i in self.gone), None)
+        source = self.store.get(moved if moved is not None else min(twins))
+        if source is None:
+            return False
+        image = NewImage(
+            image.path, image.sha256, image.size, image.mtime, source.width, source.height
+        )
+        if here is not None:
+            self._forget(here)
+        if moved is not None:
+            self.store.rename(moved, image)
+            del self.gone[moved]
+            self.known.pop(source.path, None)
+            self._remember(text, moved, image)
+            self.report.renamed += 1
+        else:
+            new_id = self.store.copy(source.id, image)
+            self._remember(text, new_id, image)
+            self._count_new_or_updated(here)
+        self.report.reused += 1
+        self._after_commit()
+        return True
+
+    def _embed(self, items: list[_Read]) -> None:
         import torch
 
-        vectors = vectorizer.embed_batch(torch.stack([d.tensor for d in items]))
-        store.write_batch([d.image for d in items], vectors, skipped_pending)
-        skipped_pending.clear()
-        for d in items:
-            if d.known_id is None:
-                report.added += 1
-            else:
-                report.updated += 1
-        state.embedded += len(items)
-        state.done += len(items)
-        if progress:
-            progress(state)
+        vectors = self.vectorizer.embed_batch(torch.stack([r.tensor for r in items]))
+        images = [r.image for r in items]
+        new_ids = self.store.write_batch(images, vectors, self.skips_to_record)
+        self.skips_to_record.clear()
+        for image, new_id in zip(images, new_ids, strict=True):
+            text = path_text(image.path)
+            here = self.known.get(text)
+            if here is not None:
+                self._forget(here)
+            self._remember(text, new_id, image)
+            self._count_new_or_updated(here)
+        self.state.embedded += len(items)
+        self.state.done += len(items)
+        self._after_commit()
 
-    buckets: dict[tuple[int, ...], list[_Decoded]] = defaultdict(list)
-    pending = 0
-    batch_size = vectorizer.batch_size
-    if progress and todo:
-        progress(state)
-    try:
-        for path, outcome in _map_bounded(decode, todo, workers, ahead=4 * batch_size):
-            if isinstance(outcome, ImageError):
-                skip(path, outcome.reason)
-                state.done += 1
-                continue
-            if outcome.tensor is None:
-                store.touch(outcome.known_id, outcome.image)
-                report.unchanged += 1
-                state.done += 1
-                continue
-            shape = tuple(outcome.tensor.shape)
-            buckets[shape].append(outcome)
-            pending += 1
-            if len(buckets[shape]) < batch_size:
-                if pending < 2 * batch_size:
-                    continue
-                # Too many shapes in flight: embed the fullest bucket to bound memory.
-                shape = max(buckets, key=lambda s: len(buckets[s]))
-            pending -= len(buckets[shape])
-            commit(buckets.pop(shape))
-        for shape in list(buckets):
-            commit(buckets.pop(shape))
-        if skipped_pending:
-            store.write_batch([], None, skipped_pending)
-            skipped_pending.clear()
-        if progress:
-            progress(state)
-    except BaseException:
-        # Whatever was committed is saved to the FAISS file too, even after Ctrl-C. Should that
-        # fail as well (a full disk), the next open rebuilds it from SQLite; the first error is
-        # the one to report.
-        with contextlib.suppress(Exception):
-            store.save_vector_index()
-        raise
-    store.save_vector_index()
-    report.embedded = state.embedded
-    report.seconds = time.perf_counter() - started
-    report.total = store.count()
-    return report
+    def _remember(self, text: str, image_id: int, image: NewImage) -> None:
+        raw = os.fsencode(image.path)
+        self.known[text] = _Row(image_id, raw, image.size, image.mtime, image.sha256)
+        self.by_sha.setdefault(image.sha256, set()).add(image_id)
+
+    def _forget(self, row: _Row) -> None:
+        """The entry ``row`` was replaced; its vector can no longer be reused."""
+        self.by_sha.get(row.sha, set()).discard(row.id)
+        self.gone.pop(row.id, None)
+
+    def _count_new_or_updated(self, previous: _Row | None) -> None:
+        if previous is None:
+            self.report.added += 1
+        else:
+            self.report.updated += 1
+
+    def _after_commit(self) -> None:
+        self.store.save_vector_index_every(SAVE_EVERY_SECONDS)
+
+    def skip(self, path: Path, reason: str) -> None:
+        self.report.skipped.append(Skipped(path_text(path), reason))
+        self.skips_to_record.append((path, reason))
+
+    def _notify(self) -> None:
+        if self.progress is not None and self.state.total:
+            self.progress(self.state)
+
+
+def _under(text: str, roots: list[Path]) -> bool:
+    for root in roots:
+        root_text = path_text(root)
+        if text == root_text or text.startswith(root_text.rstrip(os.sep) + os.sep):
+            return True
+    return False
 
 
 def _map_bounded(
-    fn: Callable[[Path], _Decoded], items: list[Path], workers: int | None, ahead: int
-) -> Iterator[tuple[Path, _Decoded | ImageError]]:
+    fn: Callable[[Path], _Read], items: list[Path], workers: int | None, ahead: int
+) -> Iterator[tuple[Path, _Read | ImageError]]:
     """``(item, fn(item))`` in order, computed in threads with at most ``ahead`` in flight.
     ImageError is returned, not raised."""
     workers = workers or min(4, os.cpu_count() or 1)
-    with cf.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="imgindex-decode") as pool:
-        futures: dict[int, cf.Future[_Decoded]] = {}
+    with cf.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="imgindex-read") as pool:
+        futures: dict[int, cf.Future[_Read]] = {}
         try:
             for i in range(min(ahead, len(items))):
                 futures[i] = pool.submit(fn, items[i])

@@ -5,14 +5,22 @@ An index is a folder::
     imgindex.db     SQLite (WAL): one row per image, its vector, skipped files, settings
     vectors.faiss   FAISS IndexIDMap2(IndexFlatL2) over the same vectors, keyed by image id
 
+    write.lock      held (flock) by the one process allowed to write
+
 SQLite is the source of truth. Every vector is stored there too (float32 blobs), in the same
-transaction as its row, so the FAISS file is a cache that can always be rebuilt without
-re-embedding anything. ``meta.data_version`` counts committed changes to the vectors and
-``meta.faiss_version`` says which of them the FAISS file holds; when they differ (a build was
-interrupted before it saved the FAISS file) the FAISS index is rebuilt from SQLite on open.
+transaction as its row, so the FAISS file is only a cache: it can always be rebuilt without
+re-embedding anything. Two rules make the cache easy to trust:
+
+* an image id is never reused (AUTOINCREMENT) and the vector under an id never changes (new
+  content gets a new id), so a FAISS file can only be *behind* SQLite, never wrong;
+* whoever loads the FAISS file reconciles it with one SQLite snapshot (a read transaction):
+  ids SQLite no longer has are removed, ids it has and the file lacks are added from the stored
+  vectors. A reader therefore sees exactly the state of one committed transaction, whether the
+  writer saved its FAISS file a moment ago, long ago, or was killed before saving it.
 
 The FAISS file is written to a temporary name, flushed and renamed over the old one, so a reader
-or a crash sees either the old file or the new one.
+or a crash sees either the old file or the new one. Writers commit in batches, one transaction
+each, and save the FAISS file at the end of a build (and every few minutes during a long one).
 """
 
 from __future__ import annotations
@@ -23,8 +31,9 @@ import fcntl
 import itertools
 import json
 import os
+import time
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +124,25 @@ MIGRATIONS: list[tuple[str, str]] = [
 ]
 
 
+@dataclass
+class CheckReport:
+    """What :meth:`Store.check` found. ``problems`` make the index wrong; ``warnings`` do not."""
+
+    images: int = 0
+    vectors: int = 0
+    faiss_file: int | None = None  # vectors in the FAISS file; None when there is no file
+    problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    missing_files: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems and not self.missing_files
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**self.__dict__, "ok": self.ok}
+
+
 class Store:
     """An open index folder: SQLite rows and the FAISS index over their vectors."""
 
@@ -127,10 +155,14 @@ class Store:
         self._faiss = faiss
         self.dim = int(self.meta("dim"))
         self._lock_fh: Any = None
-        self.vector_index = self._load_or_rebuild_faiss()
+        self._dirty = False  # vector_index differs from the FAISS file
+        self._last_save = time.monotonic()
+        self.vector_index = self._load_vector_index()
         # Changes whenever vector_index changes in memory, so derived indexes know to rebuild;
         # unique across Store objects, so a reopened store never repeats an old value.
         self.generation = next(_GENERATIONS)
+        self._seen_data_version = self._data_version()
+        self._reconcile()
 
     # -- opening ----------------------------------------------------------------------------
 
@@ -153,8 +185,6 @@ class Store:
                     {"key": "dim", "value": str(fingerprint["dim"])},
                     {"key": "preprocessing", "value": json.dumps(fingerprint["preprocessing"])},
                     {"key": "index_type", "value": "Flat"},
-                    {"key": "data_version", "value": "0"},
-                    {"key": "faiss_version", "value": "-1"},
                 ]
             )
         return cls(path, db, writable=True)
@@ -190,13 +220,6 @@ class Store:
             return default
         return row[0]
 
-    def _set_meta(self, key: str, value: str) -> None:
-        self.db.execute(
-            "INSERT INTO meta (key, value) VALUES (?, ?) "
-            "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-            [key, value],
-        )
-
     def fingerprint(self) -> dict[str, Any]:
         return {
             "model": self.meta("model"),
@@ -207,31 +230,52 @@ class Store:
 
     # -- the one-writer lock ----------------------------------------------------------------
 
-    def lock(self) -> None:
-        """Take the index's write lock, or raise IndexLockedError if another process has it."""
+    def lock(self, wait: float = 0.0, on_wait: Any = None) -> None:
+        """Take the index's write lock, waiting up to ``wait`` seconds for another writer to
+        finish; raise IndexLockedError if it does not. ``on_wait(holder)`` is called once when
+        waiting starts."""
         if self._lock_fh is not None:
             return
         fh = open(self.path / LOCK_NAME, "a+")  # noqa: SIM115 - held open while locked
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.seek(0)
-            holder = fh.read().strip() or "another process"
-            fh.close()
-            raise IndexLockedError(
-                f"{self.path}: another imgindex process ({holder}) is writing to this index; "
-                "try again when it has finished"
-            ) from None
+        deadline = time.monotonic() + max(0.0, wait)
+        told = False
+        while True:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                fh.seek(0)
+                holder = fh.read().strip() or "another process"
+                if time.monotonic() >= deadline:
+                    fh.close()
+                    waited = f" after waiting {wait:g} s" if wait > 0 else ""
+                    raise IndexLockedError(
+                        f"{self.path}: another imgindex process ({holder}) is writing to this "
+                        f"index{waited}; let it finish, or wait for it with --wait SECONDS"
+                    ) from None
+                if on_wait is not None and not told:
+                    on_wait(holder)
+                    told = True
+                time.sleep(0.1)
         fh.seek(0)
         fh.truncate()
         fh.write(f"pid {os.getpid()}")
         fh.flush()
         self._lock_fh = fh
+        # Holding the lock, no one else is writing: temporary files are leftovers of a crash.
+        for leftover in self._temporary_files():
+            with contextlib.suppress(FileNotFoundError):
+                leftover.unlink()
+        # Another writer may have committed since this store was opened.
+        self.refresh()
 
     def unlock(self) -> None:
         if self._lock_fh is not None:
             self._lock_fh.close()  # closing releases the flock
             self._lock_fh = None
+
+    def _temporary_files(self) -> list[Path]:
+        return sorted(self.path.glob(f".{FAISS_NAME}.*.tmp"))
 
     # -- reading ----------------------------------------------------------------------------
 
@@ -265,10 +309,15 @@ class Store:
         for row in self.db.execute(f"SELECT {_RECORD_COLUMNS} FROM images ORDER BY id"):
             yield ImageRecord(*row)
 
+    def file_rows(self) -> Iterator[tuple[int, str, bytes, int, float, str]]:
+        """(id, path, raw_path, size, mtime, sha256) of every image, for syncing with disk."""
+        yield from self.db.execute("SELECT id, path, raw_path, size, mtime, sha256 FROM images")
+
     def vectors(self, ids: Sequence[int]) -> np.ndarray:
-        """Stored vectors for ``ids``, in that order."""
+        """Stored vectors for ``ids``, in that order; KeyError for an id that is not stored."""
         out = np.empty((len(ids), self.dim), dtype=np.float32)
         position = {int(i): n for n, i in enumerate(ids)}
+        found = 0
         for start in range(0, len(ids), 500):
             chunk = [int(i) for i in ids[start : start + 500]]
             marks = ",".join("?" * len(chunk))
@@ -276,24 +325,53 @@ class Store:
                 f"SELECT id, vector FROM vectors WHERE id IN ({marks})", chunk
             ):
                 out[position[image_id]] = np.frombuffer(blob, dtype="<f4")
+                found += 1
+        if found != len(position):
+            missing = set(position) - {int(i) for i in self._stored_ids(list(position))}
+            raise KeyError(f"no stored vector for image ids {sorted(missing)[:10]}")
+        return out
+
+    def _stored_ids(self, ids: list[int]) -> list[int]:
+        out = []
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            out += [
+                r[0]
+                for r in self.db.execute(f"SELECT id FROM vectors WHERE id IN ({marks})", chunk)
+            ]
         return out
 
     def all_vectors(self) -> tuple[np.ndarray, np.ndarray]:
-        """(ids, vectors) of every image, from SQLite."""
-        n = self.count()
-        ids = np.empty(n, dtype=np.int64)
-        vectors = np.empty((n, self.dim), dtype=np.float32)
-        i = 0
-        for image_id, blob in self.db.execute("SELECT id, vector FROM vectors ORDER BY id"):
-            if i == n:  # a concurrent writer added rows since count(); the next open sees them
-                break
-            ids[i] = image_id
-            vectors[i] = np.frombuffer(blob, dtype="<f4")
-            i += 1
-        return ids[:i], vectors[:i]
+        """(ids, vectors) of every image, from SQLite, in one snapshot."""
+        with self._snapshot():
+            ids = self._live_ids()
+            return ids, self.vectors(ids.tolist()) if len(ids) else np.empty((0, self.dim), "<f4")
+
+    def _live_ids(self) -> np.ndarray:
+        """Ids of images that have a row and a vector (sorted)."""
+        rows = self.db.execute(
+            "SELECT images.id FROM images JOIN vectors USING (id) ORDER BY images.id"
+        ).fetchall()
+        return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+
+    def ids_by_sha(self) -> dict[str, list[int]]:
+        """Every content hash in the index and the ids of the images with that content."""
+        out: dict[str, list[int]] = {}
+        for image_id, sha in self.db.execute("SELECT id, sha256 FROM images ORDER BY id"):
+            out.setdefault(sha, []).append(image_id)
+        return out
 
     def skipped(self) -> list[tuple[str, str]]:
-        return [tuple(r) for r in self.db.execute("SELECT path, reason FROM skipped ORDER BY path")]
+        """(path, reason) of every file the builds could not index."""
+        return [(p, r) for p, _raw, r in self.skipped_files()]
+
+    def skipped_files(self) -> list[tuple[str, bytes, str]]:
+        """(path, raw path bytes, reason) of every file the builds could not index."""
+        return [
+            tuple(r)
+            for r in self.db.execute("SELECT path, raw_path, reason FROM skipped ORDER BY path")
+        ]
 
     def disk_usage(self) -> dict[str, int]:
         sizes = {}
@@ -313,7 +391,7 @@ class Store:
     ) -> list[int]:
         """Insert or replace ``images`` with their ``vectors`` and record ``skipped`` files, in one
         transaction. Returns the new ids, in order. An image whose path is already indexed is
-        replaced (new id), so FAISS never holds a stale vector under a live id."""
+        replaced under a new id, so the vector under an id never changes."""
         self._require_writable()
         if vectors is None:
             vectors = np.empty((0, self.dim), dtype="<f4")
@@ -326,10 +404,7 @@ class Store:
         with self.db.atomic():
             for image, vector in zip(images, vectors, strict=True):
                 text = path_text(image.path)
-                old = self.db.execute("SELECT id FROM images WHERE path = ?", [text]).fetchone()
-                if old:
-                    replaced.append(old[0])
-                    self.db.execute("DELETE FROM images WHERE id = ?", [old[0]])
+                replaced += self._delete_path(text)
                 cursor = self.db.execute(
                     "INSERT INTO images (path, raw_path, sha256, size, mtime, width, height, "
                     "added_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -351,22 +426,29 @@ class Store:
                 )
                 # A file that failed before and reads now is no longer skipped.
                 self.db.execute("DELETE FROM skipped WHERE path = ?", [text])
-            self.db["skipped"].insert_all(
-                [
-                    {"path": path_text(p), "raw_path": os.fsencode(p), "reason": r, "at": now}
-                    for p, r in skipped
-                ],
-                replace=True,
-            )
-            if images:
-                self._bump_data_version()
+            self._record_skipped(skipped, now)
         # Mirror the committed change in memory; the file is saved by save_vector_index().
-        if replaced:
-            self.vector_index.remove_ids(np.asarray(replaced, dtype=np.int64))
-        if new_ids:
-            self.vector_index.add_with_ids(vectors, np.asarray(new_ids, dtype=np.int64))
-        self.generation = next(_GENERATIONS)
+        self._apply(remove=replaced, add_ids=new_ids, add_vectors=vectors)
         return new_ids
+
+    def rename(self, image_id: int, image: NewImage) -> None:
+        """Move image ``image_id`` to ``image.path`` (same content, so it keeps its id and
+        vector); an entry already at that path is replaced."""
+        self._require_writable()
+        text = path_text(image.path)
+        with self.db.atomic():
+            replaced = [i for i in self._delete_path(text) if i != image_id]
+            self.db.execute(
+                "UPDATE images SET path = ?, raw_path = ?, size = ?, mtime = ? WHERE id = ?",
+                [text, os.fsencode(image.path), image.size, image.mtime, image_id],
+            )
+            self.db.execute("DELETE FROM skipped WHERE path = ?", [text])
+        self._apply(remove=replaced)
+
+    def copy(self, source_id: int, image: NewImage) -> int:
+        """Index ``image`` with the stored vector of ``source_id`` (same content elsewhere)."""
+        [new_id] = self.write_batch([image], self.vectors([source_id]))
+        return new_id
 
     def touch(self, image_id: int, image: NewImage) -> None:
         """Record a new size / modification time for an image whose content is unchanged."""
@@ -377,43 +459,255 @@ class Store:
                 [image.size, image.mtime, image_id],
             )
 
-    def _bump_data_version(self) -> None:
-        self._set_meta("data_version", str(int(self.meta("data_version")) + 1))
-
-    def save_vector_index(self) -> None:
-        """Write the FAISS index atomically and record which data version it holds."""
+    def remove(self, ids: Iterable[int]) -> int:
+        """Remove the images ``ids`` (rows and vectors) in one transaction; returns how many."""
         self._require_writable()
-        version = self.meta("data_version")
-        if self.meta("faiss_version") == version and (self.path / FAISS_NAME).exists():
-            return
-        _atomic_write_faiss(self._faiss, self.vector_index, self.path / FAISS_NAME)
+        ids = [int(i) for i in ids]
+        removed: list[int] = []
         with self.db.atomic():
-            self._set_meta("faiss_version", version)
+            for start in range(0, len(ids), 500):
+                chunk = ids[start : start + 500]
+                marks = ",".join("?" * len(chunk))
+                removed += [
+                    r[0]
+                    for r in self.db.execute(f"SELECT id FROM images WHERE id IN ({marks})", chunk)
+                ]
+                self.db.execute(f"DELETE FROM vectors WHERE id IN ({marks})", chunk)
+                self.db.execute(f"DELETE FROM images WHERE id IN ({marks})", chunk)
+        self._apply(remove=removed)
+        return len(removed)
+
+    def record_skipped(self, skipped: Sequence[tuple[Path, str]]) -> None:
+        self._require_writable()
+        with self.db.atomic():
+            self._record_skipped(skipped, _now())
+
+    def forget_skipped(self, paths: Iterable[str]) -> None:
+        """Drop the skip records of ``paths`` (path texts), e.g. files that no longer exist."""
+        self._require_writable()
+        with self.db.atomic():
+            for text in paths:
+                self.db.execute("DELETE FROM skipped WHERE path = ?", [text])
+
+    def _record_skipped(self, skipped: Sequence[tuple[Path, str]], now: str) -> None:
+        self.db["skipped"].insert_all(
+            [
+                {"path": path_text(p), "raw_path": os.fsencode(p), "reason": r, "at": now}
+                for p, r in skipped
+            ],
+            replace=True,
+        )
+
+    def _delete_path(self, text: str) -> list[int]:
+        rows = self.db.execute("SELECT id FROM images WHERE path = ?", [text]).fetchall()
+        for (image_id,) in rows:
+            self.db.execute("DELETE FROM vectors WHERE id = ?", [image_id])
+            self.db.execute("DELETE FROM images WHERE id = ?", [image_id])
+        return [r[0] for r in rows]
 
     def _require_writable(self) -> None:
         if not self.writable:
             raise RuntimeError("this index was opened read-only")
 
-    # -- FAISS ------------------------------------------------------------------------------
+    # -- the FAISS index --------------------------------------------------------------------
+
+    def refresh(self) -> None:
+        """Bring the in-memory FAISS index up to date if another process committed changes."""
+        version = self._data_version()
+        if version != self._seen_data_version:
+            self._seen_data_version = version
+            self._reconcile()
+
+    def save_vector_index(self, force: bool = False) -> None:
+        """Write the FAISS index atomically, if it changed since it was loaded or saved."""
+        self._require_writable()
+        if not (self._dirty or force) and (self.path / FAISS_NAME).exists():
+            return
+        _atomic_write_faiss(self._faiss, self.vector_index, self.path / FAISS_NAME)
+        self._dirty = False
+        self._last_save = time.monotonic()
+
+    def save_vector_index_every(self, seconds: float) -> None:
+        """Save the FAISS index if it changed and the last save is older than ``seconds``."""
+        if self._dirty and time.monotonic() - self._last_save >= seconds:
+            self.save_vector_index()
+
+    def _apply(
+        self,
+        remove: Sequence[int] = (),
+        add_ids: Sequence[int] = (),
+        add_vectors: np.ndarray | None = None,
+    ) -> None:
+        if len(remove):
+            self.vector_index.remove_ids(np.asarray(remove, dtype=np.int64))
+        if len(add_ids):
+            self.vector_index.add_with_ids(add_vectors, np.asarray(add_ids, dtype=np.int64))
+        if len(remove) or len(add_ids):
+            self._dirty = True
+            self.generation = next(_GENERATIONS)
+
+    def _data_version(self) -> int:
+        # Changes when another connection commits to the database (not for our own commits).
+        return self.db.execute("PRAGMA data_version").fetchone()[0]
 
     def _new_vector_index(self) -> Any:
         faiss = self._faiss
         return faiss.IndexIDMap2(faiss.IndexFlatL2(self.dim))
 
-    def _load_or_rebuild_faiss(self) -> Any:
-        faiss = self._faiss
-        file = self.path / FAISS_NAME
-        if file.exists() and self.meta("faiss_version") == self.meta("data_version"):
-            index = faiss.read_index(str(file))
-            if index.ntotal == self.count() and index.d == self.dim:
-                return index
-        # The file is missing or behind SQLite (an interrupted build): rebuild from the stored
-        # vectors, which costs a read of the database and no embedding.
-        index = self._new_vector_index()
-        ids, vectors = self.all_vectors()
-        if len(ids):
-            index.add_with_ids(vectors, ids)
+    def _read_faiss_file(self) -> Any:
+        """The FAISS file, or None if there is none or it is not one of ours."""
+        try:
+            index = self._faiss.read_index(str(self.path / FAISS_NAME))
+        except Exception:  # missing or unreadable: rebuilt from SQLite
+            return None
+        if not isinstance(index, self._faiss.IndexIDMap2) or index.d != self.dim:
+            return None
         return index
+
+    def _load_vector_index(self) -> Any:
+        index = self._read_faiss_file()
+        if index is None:
+            self._dirty = True
+            return self._new_vector_index()
+        return index
+
+    @contextlib.contextmanager
+    def _snapshot(self) -> Iterator[None]:
+        """Reads inside see one committed state of the database."""
+        if self.db.conn.in_transaction:
+            yield
+            return
+        self.db.execute("BEGIN")
+        try:
+            yield
+        finally:
+            self.db.execute("COMMIT")
+
+    def _reconcile(self) -> None:
+        """Make the in-memory FAISS index hold exactly the vectors of one SQLite snapshot."""
+        with self._snapshot():
+            live = self._live_ids()
+            present = self._faiss.vector_to_array(self.vector_index.id_map).astype(np.int64)
+            stale = np.setdiff1d(present, live, assume_unique=True)
+            # Removing from a flat index compacts it (O(n) per call); when most of it would
+            # go, starting again from the stored vectors is simpler and faster.
+            rebuild = len(stale) > len(present) // 2
+            missing = live if rebuild else np.setdiff1d(live, present, assume_unique=True)
+            vectors = self.vectors(missing.tolist()) if len(missing) else None
+        if rebuild:
+            self.vector_index = self._new_vector_index()
+            stale = stale[:0]
+        self._apply(remove=stale, add_ids=missing, add_vectors=vectors)
+
+    # -- checking and repairing -------------------------------------------------------------
+
+    def check(self, weights_sha256: str | None = None, check_files: bool = True) -> CheckReport:
+        """Verify the index without changing it. See CheckReport."""
+        report = CheckReport()
+        db = self.db
+        integrity = db.execute("PRAGMA quick_check").fetchone()[0]
+        if integrity != "ok":
+            report.problems.append(f"SQLite reports damage: {integrity}")
+        with self._snapshot():
+            report.images = db.execute("SELECT count(*) FROM images").fetchone()[0]
+            report.vectors = db.execute("SELECT count(*) FROM vectors").fetchone()[0]
+            no_vector = db.execute(
+                "SELECT count(*) FROM images WHERE id NOT IN (SELECT id FROM vectors)"
+            ).fetchone()[0]
+            orphans = db.execute(
+                "SELECT count(*) FROM vectors WHERE id NOT IN (SELECT id FROM images)"
+            ).fetchone()[0]
+            bad_size = db.execute(
+                "SELECT count(*) FROM vectors WHERE length(vector) != ?", [4 * self.dim]
+            ).fetchone()[0]
+            live = self._live_ids()
+            stored = self.vectors(live.tolist()) if len(live) else np.empty((0, self.dim))
+            rows = list(self.file_rows()) if check_files else []
+        if no_vector:
+            report.problems.append(f"{no_vector} image rows have no vector (repair removes them)")
+        if orphans:
+            report.problems.append(f"{orphans} vectors belong to no image (repair removes them)")
+        if bad_size:
+            report.problems.append(
+                f"{bad_size} vectors are not {self.dim} float32 numbers (repair removes them)"
+            )
+        meta_dim = self.fingerprint()["dim"]
+        if meta_dim != self.dim:
+            report.problems.append(f"index settings say {meta_dim} dimensions, found {self.dim}")
+
+        file = self._read_faiss_file()
+        if not (self.path / FAISS_NAME).exists():
+            report.warnings.append(
+                f"no {FAISS_NAME} yet: it is rebuilt from SQLite in memory on open "
+                "(repair writes it)"
+            )
+        elif file is None:
+            report.problems.append(f"{FAISS_NAME} cannot be read (repair rebuilds it)")
+        else:
+            report.faiss_file = file.ntotal
+            file_ids = self._faiss.vector_to_array(file.id_map).astype(np.int64)
+            if len(np.unique(file_ids)) != len(file_ids):
+                report.problems.append(f"{FAISS_NAME} holds duplicate ids (repair rebuilds it)")
+            common, _, in_db = np.intersect1d(file_ids, live, return_indices=True)
+            if len(common) and not np.array_equal(file.reconstruct_batch(common), stored[in_db]):
+                report.problems.append(
+                    f"{FAISS_NAME} holds vectors that differ from SQLite's (repair rebuilds it)"
+                )
+            behind = len(live) - len(common)
+            ahead = len(file_ids) - len(common)
+            if behind or ahead:
+                report.warnings.append(
+                    f"{FAISS_NAME} is out of date ({behind} vectors to add, {ahead} to remove); "
+                    "it is brought up to date in memory on open (repair rewrites it)"
+                )
+        if weights_sha256 is not None and weights_sha256 != self.meta("weights_sha256"):
+            report.problems.append(
+                f"the index was built with weights {self.meta('weights_sha256')[:12]}, the "
+                f"weights in use are {weights_sha256[:12]}: queries would be refused"
+            )
+        for leftover in self._temporary_files():
+            report.warnings.append(f"leftover temporary file {leftover.name} (repair removes it)")
+        for _image_id, text, raw, _size, _mtime, _sha in rows:
+            if not os.path.lexists(raw):
+                report.missing_files.append(text)
+        report.missing_files.sort()
+        return report
+
+    def repair(self, remove_missing: bool = False) -> dict[str, int]:
+        """Fix what can be fixed without re-embedding: drop rows without a usable vector and
+        vectors without a row, rebuild and rewrite the FAISS file, delete leftover temporary
+        files and (with ``remove_missing``) the entries of files that no longer exist."""
+        self._require_writable()
+        db = self.db
+        with db.atomic():
+            orphans = db.execute(
+                "DELETE FROM vectors WHERE id NOT IN (SELECT id FROM images)"
+            ).rowcount
+            bad = db.execute(
+                "DELETE FROM vectors WHERE length(vector) != ?", [4 * self.dim]
+            ).rowcount
+            unusable = db.execute(
+                "DELETE FROM images WHERE id NOT IN (SELECT id FROM vectors)"
+            ).rowcount
+        missing = 0
+        if remove_missing:
+            gone = [row[0] for row in self.file_rows() if not os.path.lexists(row[2])]
+            missing = self.remove(gone)
+        temporary = 0
+        for leftover in self._temporary_files():
+            leftover.unlink()
+            temporary += 1
+        self.vector_index = self._new_vector_index()
+        self._reconcile()
+        self.save_vector_index(force=True)
+        return {
+            "orphan_vectors_removed": orphans,
+            "bad_vectors_removed": bad,
+            "rows_without_vector_removed": unusable,
+            "missing_files_removed": missing,
+            "temporary_files_removed": temporary,
+            "vectors_in_faiss": self.vector_index.ntotal,
+        }
 
 
 _RECORD_COLUMNS = "id, path, sha256, size, mtime, width, height, added_at"

@@ -30,8 +30,8 @@ def run(use_fake_model):
 def test_build_then_query_then_info(run, tmp_path, photos):
     index = tmp_path / "idx"
     result = run("build", photos, "--index", index)
-    assert "Indexed 36 images" in result.stdout
-    assert "36 added, 0 updated, 0 unchanged, 0 skipped" in result.stdout
+    assert "Embedded 36 images" in result.stdout
+    assert "36 added, 0 updated, 0 renamed, 0 removed, 0 unchanged, 0 skipped" in result.stdout
     assert "Created index" in result.stderr
 
     again = run("build", photos, "--index", index)
