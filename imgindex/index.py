@@ -131,14 +131,16 @@ class Index:
             raise IncompatibleIndexError(
                 f"{self.path}: this index was built with weights {ours['weights_sha256'][:12]}, "
                 f"but the weights in use are {theirs['weights_sha256'][:12]} "
-                f"({vectorizer.weights.path}); use the same --weights, or build a new index "
-                "with these weights"
+                f"({vectorizer.weights.path}); vectors of different weights cannot be compared. "
+                "Use the weights it was built with, or re-embed into a new index: "
+                "`imgindex build FOLDERS --index NEW_INDEX --weights WEIGHTS`"
             )
         for key in ("model", "dim", "preprocessing"):
             if ours[key] != theirs[key]:
                 raise IncompatibleIndexError(
                     f"{self.path}: this index holds vectors with {key} {ours[key]!r}, not "
-                    f"{theirs[key]!r}; build a new index for these vectors"
+                    f"{theirs[key]!r}; re-embed into a new index: "
+                    "`imgindex build FOLDERS --index NEW_INDEX`"
                 )
 
     # -- adding -----------------------------------------------------------------------------

@@ -157,6 +157,8 @@ class _Build:
         self.known: dict[str, _Row] = {}
         self.by_sha: dict[str, set[int]] = {}
         self.gone: dict[int, str] = {}  # id -> path of entries whose file no longer exists
+        # Content waiting in a batch -> later files with the same content, to copy its vector.
+        self.twins_waiting: dict[str, list[_Read]] = {}
 
     # -- the plan ---------------------------------------------------------------------------
 
@@ -259,12 +261,16 @@ class _Build:
                 self.state.done += 1
             elif self._reuse(outcome):
                 self.state.done += 1
+            elif outcome.image.sha256 in self.twins_waiting:
+                # The same content is already waiting to be embedded: copy its vector later.
+                self.twins_waiting[outcome.image.sha256].append(outcome)
             elif outcome.tensor is None:
                 # Its only twin was replaced earlier in this build: embed it after all.
                 self._queue_alone(path, buckets)
                 pending += 1
             else:
                 buckets[tuple(outcome.tensor.shape)].append(outcome)
+                self.twins_waiting[outcome.image.sha256] = []
                 pending += 1
             shape = self._full_bucket(buckets, batch_size, pending)
             if shape is not None:
@@ -285,6 +291,7 @@ class _Build:
             self.skip(path, exc.reason)
             return
         buckets[tuple(again.tensor.shape)].append(again)
+        self.twins_waiting[again.image.sha256] = []
 
     @staticmethod
     def _full_bucket(
@@ -353,6 +360,11 @@ class _Build:
         self.state.embedded += len(items)
         self.state.done += len(items)
         self._after_commit()
+        for image in images:
+            for twin in self.twins_waiting.pop(image.sha256, []):
+                if not self._reuse(twin):  # cannot happen: the twin was just stored
+                    self.skip(twin.image.path, "internal error: its twin's vector was not found")
+                self.state.done += 1
 
     def _remember(self, text: str, image_id: int, image: NewImage) -> None:
         raw = os.fsencode(image.path)

@@ -6,6 +6,7 @@ at a chosen moment of a write, so that a test can kill it there with SIGKILL.
 PAUSE_AT names the moment (see POINTS); the child prints ``PAUSED <point>`` on stdout when it
 gets there for the N-th time and then sleeps (for a minute, or PAUSE_SECONDS from the
 environment, after which it carries on). ``none`` never pauses. ``--real`` keeps the real AugNet.
+SLOW_COMMITS=SECONDS in the environment makes every commit take that much longer.
 The production code has no hooks for this: the helper wraps the functions it needs.
 """
 
@@ -55,6 +56,7 @@ def install(point: str, nth: int) -> None:
         ids = original_write(self, images, vectors, skipped)
         if len(images):
             arrive("after-commit")
+            time.sleep(float(os.environ.get("SLOW_COMMITS", "0")))
         return ids
 
     store_module.Store.write_batch = write_batch
@@ -116,9 +118,8 @@ def main() -> None:
         args = args[1:]
     point, nth, separator, *cli_args = args
     assert separator == "--", "usage: crash_helper [--real] POINT N -- ARGS"
-    if point != "none":
-        assert point in POINTS, f"unknown point {point}"
-        install(point, int(nth))
+    assert point == "none" or point in POINTS, f"unknown point {point}"
+    install(point, int(nth))
     if not real:
         from tests.conftest import FakeVectorizer
 

@@ -193,3 +193,69 @@ def test_python_dash_m_and_console_script_agree():
         out = subprocess.run([str(script), "--help"], capture_output=True, text=True)
         assert out.returncode == 0 and "Find similar images" in out.stdout
     assert "Find similar images" in imgindex("--help").stdout
+
+
+@pytest.mark.slow
+def test_other_weights_are_refused_with_a_way_forward(tmp_path):
+    """An index built with imgsim's weights refuses a query with another checkpoint."""
+    import torch
+
+    from imgindex.model import default_weights_path
+
+    state = torch.load(default_weights_path(), map_location="cpu", weights_only=True)
+    key = next(k for k in state if k.endswith("fc.bias"))
+    state[key] = state[key] + 0.01  # a fine-tuned variant: same shape, other vectors
+    other = tmp_path / "other.pth"
+    torch.save(state, other)
+    index = tmp_path / "idx"
+    built = imgindex("build", DATA / "Leopards" / "image_0001.jpg", "--index", index)
+    assert built.returncode == 0, built.stderr
+    result = imgindex(
+        "query", DATA / "pizza" / "image_0001.jpg", "--index", index, "--weights", other
+    )
+    assert_one_line_error(result, 1, "built with weights c2cb3cac8264", "--weights WEIGHTS")
+    check = imgindex("check", "--index", index, "--weights", other)
+    assert check.returncode == 1 and "queries would be refused" in check.stdout
+    assert imgindex("check", "--index", index).returncode == 0
+
+
+def test_add_remove_check_repair(run, tmp_path, photos):
+    import sqlite3
+
+    index = tmp_path / "idx"
+    added = json.loads(run("add", photos / "pizza", "--index", index, "--json").stdout)
+    assert added["added"] == 6
+    one = photos / "bonsai" / "image_0001.jpg"
+    assert "1 added" in run("add", one, "--index", index).stdout
+    assert run("check", "--index", index, "--weights", "x.pth", ok=False).exit_code == 1
+
+    checked = run("check", "--index", index, "--no-files", ok=False)
+    # The stand-in network's weights are not the ones a query would load by default.
+    assert checked.exit_code == 1 and "queries would be refused" in checked.stdout
+
+    removed = run("remove", one, "--index", index)
+    assert removed.stdout.strip() == "Removed 1 entries; 6 images remain."
+
+    (photos / "pizza" / "image_0002.jpg").unlink()
+    db = sqlite3.connect(index / "imgindex.db")
+    with db:
+        db.execute("INSERT INTO vectors (id, vector) VALUES (9999, x'00')")
+    db.close()
+    (index / "vectors.faiss").write_bytes(b"not a faiss file")
+
+    report = json.loads(run("check", "--index", index, "--json", ok=False).stdout)
+    assert not report["ok"]
+    assert any("belong to no image" in p for p in report["problems"])
+    assert any("cannot be read" in p for p in report["problems"])
+    assert [os.path.basename(p) for p in report["missing_files"]] == ["image_0002.jpg"]
+    text = run("check", "--index", index, ok=False)
+    assert text.exit_code == 1 and "image_0002.jpg" in text.stdout
+    assert text.stdout.rstrip().endswith("The index has problems.")
+
+    repaired = json.loads(run("repair", "--index", index, "--remove-missing", "--json").stdout)
+    assert repaired["orphan_vectors_removed"] == 1
+    assert repaired["missing_files_removed"] == 1
+    assert repaired["vectors_in_faiss"] == repaired["total"] == 5
+    after = json.loads(run("check", "--index", index, "--json", ok=False).stdout)
+    assert [p for p in after["problems"] if "queries would be refused" not in p] == []
+    assert after["missing_files"] == [] and after["faiss_file"] == 5
