@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import sqlite3
 import sys
 import time
 import warnings
@@ -76,6 +77,10 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             return fn(*args, **kwargs)
         except ImgIndexError as exc:
             raise click.ClickException(str(exc)) from None
+        except (OSError, sqlite3.Error) as exc:
+            # The environment failed (a full disk, a read-only folder, a vanished mount): say
+            # so in one line. What was committed before stays committed.
+            raise click.ClickException(f"{type(exc).__name__}: {exc}") from None
         except KeyboardInterrupt:
             click.echo("\nInterrupted.", err=True)
             sys.exit(130)

@@ -259,3 +259,28 @@ def test_add_remove_check_repair(run, tmp_path, photos):
     after = json.loads(run("check", "--index", index, "--json", ok=False).stdout)
     assert [p for p in after["problems"] if "queries would be refused" not in p] == []
     assert after["missing_files"] == [] and after["faiss_file"] == 5
+
+
+def test_full_disk_is_one_line_and_keeps_committed_batches(run, tmp_path, photos, monkeypatch):
+    import sqlite3
+
+    import imgindex.store
+
+    real_write = imgindex.store.Store.write_batch
+    calls = {"n": 0}
+
+    def write_batch(self, images, vectors, skipped=()):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise sqlite3.OperationalError("database or disk is full")
+        return real_write(self, images, vectors, skipped)
+
+    monkeypatch.setattr(imgindex.store.Store, "write_batch", write_batch)
+    index = tmp_path / "idx"
+    result = run("build", photos, "--index", index, "--batch-size", "4", ok=False)
+    assert result.exit_code == 1
+    assert result.stderr.splitlines()[-1] == "Error: OperationalError: database or disk is full"
+    monkeypatch.undo()
+    info = json.loads(run("info", "--index", index, "--json").stdout)
+    assert info["images"] > 0  # the batches committed before the failure are there
+    assert json.loads(run("build", photos, "--index", index, "--json").stdout)["total"] == 36
