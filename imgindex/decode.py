@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,12 +40,14 @@ class ImageFile:
 
 
 def read_image_file(
-    path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXELS
+    path: str | os.PathLike[str],
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    draft_to: int | None = None,
 ) -> ImageFile:
     """Read, hash and decode one file. Raises ImageError naming the file and the reason."""
     path = Path(path)
     data, st = read_file(path)
-    pixels = decode_image_bytes(data, os.fsdecode(path), max_pixels)
+    pixels = decode_image_bytes(data, os.fsdecode(path), max_pixels, draft_to)
     return ImageFile(
         path=path,
         pixels=pixels,
@@ -77,8 +80,14 @@ def read_file(path: Path) -> tuple[bytes, os.stat_result]:
     return data, st
 
 
-def decode_image_bytes(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Decode encoded image bytes to an upright H x W x 3 uint8 RGB array."""
+def decode_image_bytes(
+    data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS, draft_to: int | None = None
+) -> np.ndarray:
+    """Decode encoded image bytes to an upright H x W x 3 uint8 RGB array.
+
+    With ``draft_to``, a JPEG whose short side is at least twice that is decoded at a reduced
+    scale (1/2, 1/4 or 1/8, chosen by libjpeg) that keeps its short side at ``draft_to`` or more.
+    """
     try:
         # Pillow warns above its own limit and refuses at twice that; the CLI silences the warning
         # because check_pixel_count below gives the user the real answer.
@@ -90,6 +99,10 @@ def decode_image_bytes(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIX
     except (OSError, ValueError, SyntaxError) as exc:
         raise ImageError(name, f"cannot read image header ({exc})") from None
     check_pixel_count(im.size, name, max_pixels)
+    if draft_to and im.format == "JPEG" and min(im.size) >= 2 * draft_to:
+        width, height = im.size
+        scale = draft_to / min(width, height)
+        im.draft(im.mode, (math.ceil(width * scale), math.ceil(height * scale)))
     try:
         im.load()
     except Exception as exc:  # Pillow raises many types for corrupt data

@@ -40,22 +40,16 @@ def default_index_path() -> Path:
 class Index:
     """An image index on disk. Open one with :meth:`open` or :meth:`create`.
 
-    ``vectorizer`` (or ``weights`` / ``device`` / ``batch_size`` to make one) embeds images for
-    :meth:`add` and :meth:`search`; it must produce the same kind of vectors the index holds.
+    Images are embedded (for adding and for searching by image) by ``vectorizer``, or by a
+    :class:`~imgindex.model.Vectorizer` made on first use from ``vectorizer_args``: ``weights``,
+    ``device``, ``batch_size``, ``precision`` and ``preset`` (by default the preset the index
+    was built with). Its vectors must be of the kind the index holds, or it is refused.
     """
 
-    def __init__(
-        self,
-        store: Store,
-        vectorizer: Vectorizer | None = None,
-        *,
-        weights: str | os.PathLike[str] | None = None,
-        device: str = "auto",
-        batch_size: int = 16,
-    ):
+    def __init__(self, store: Store, vectorizer: Vectorizer | None = None, **vectorizer_args: Any):
         self._store = store
         self._vectorizer = vectorizer
-        self._vectorizer_args = {"weights": weights, "device": device, "batch_size": batch_size}
+        self._vectorizer_args = vectorizer_args
         self._search = VectorSearch()
         if vectorizer is not None:
             self._check_compatible(vectorizer)
@@ -67,17 +61,14 @@ class Index:
         *,
         create: bool = False,
         vectorizer: Vectorizer | None = None,
-        weights: str | os.PathLike[str] | None = None,
-        device: str = "auto",
-        batch_size: int = 16,
+        **vectorizer_args: Any,
     ) -> Index:
         """Open the index at ``path`` (default: :func:`default_index_path`); with ``create=True``
         a missing index is created."""
         path = Path(path) if path is not None else default_index_path()
-        args = {"weights": weights, "device": device, "batch_size": batch_size}
         if create and not (path / DB_NAME).exists():
-            return cls.create(path, vectorizer=vectorizer, **args)
-        return cls(Store.open(path, writable=create), vectorizer, **args)
+            return cls.create(path, vectorizer=vectorizer, **vectorizer_args)
+        return cls(Store.open(path, writable=create), vectorizer, **vectorizer_args)
 
     @classmethod
     def create(
@@ -85,14 +76,14 @@ class Index:
         path: str | os.PathLike[str] | None = None,
         *,
         vectorizer: Vectorizer | None = None,
-        weights: str | os.PathLike[str] | None = None,
-        device: str = "auto",
-        batch_size: int = 16,
+        **vectorizer_args: Any,
     ) -> Index:
-        """Create a new, empty index at ``path``; it records the vectorizer's weights."""
+        """Create a new, empty index at ``path``; it records the vectorizer's weights and
+        preprocessing (``preset="fast"`` for the fast preset)."""
         path = Path(path) if path is not None else default_index_path()
-        vectorizer = vectorizer or Vectorizer(device=device, weights=weights, batch_size=batch_size)
-        return cls(Store.create(path, vectorizer.fingerprint()), vectorizer)
+        args = {k: v for k, v in vectorizer_args.items() if v is not None}
+        vectorizer = vectorizer or Vectorizer(**args)
+        return cls(Store.create(path, vectorizer.fingerprint()), vectorizer, **vectorizer_args)
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -120,10 +111,17 @@ class Index:
     def vectorizer(self) -> Vectorizer:
         """The vectorizer, loaded on first use and checked against the index."""
         if self._vectorizer is None:
-            vectorizer = Vectorizer(**self._vectorizer_args)
+            args = {k: v for k, v in self._vectorizer_args.items() if v is not None}
+            args.setdefault("preset", self.preset)
+            vectorizer = Vectorizer(**args)
             self._check_compatible(vectorizer)
             self._vectorizer = vectorizer
         return self._vectorizer
+
+    @property
+    def preset(self) -> str:
+        """The preprocessing preset the index's vectors were made with (exact or fast)."""
+        return self._store.fingerprint()["preprocessing"].get("preset", "exact")
 
     def _check_compatible(self, vectorizer: Vectorizer) -> None:
         ours, theirs = self._store.fingerprint(), vectorizer.fingerprint()
@@ -232,7 +230,7 @@ class Index:
             if self._vectorizer is not None:
                 sha = self._vectorizer.weights.sha256
             else:
-                sha = resolve_weights(self._vectorizer_args["weights"]).sha256
+                sha = resolve_weights(self._vectorizer_args.get("weights")).sha256
             weights_problem = None
         except WeightsError as exc:
             sha, weights_problem = None, str(exc)

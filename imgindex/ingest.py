@@ -237,7 +237,9 @@ class _Build:
             if sha in known_shas and not force_decode:
                 image = NewImage(path, sha, len(data), st.st_mtime, 0, 0)
                 return _Read(image, None)  # dimensions come from the entry with this content
-            pixels = decode_image_bytes(data, name, self.max_pixels)
+            pixels = decode_image_bytes(
+                data, name, self.max_pixels, self.vectorizer.preprocessing.draft_to
+            )
             image = NewImage(path, sha, len(data), st.st_mtime, pixels.shape[1], pixels.shape[0])
             return _Read(image, self.vectorizer.preprocessing.resize(pixels, name))
         except ImageError:
