@@ -6,6 +6,7 @@ cosine similarity. Two images are relevant to each other when they share a folde
 recall@1/10 and precision@10 (definitions in imgindex/evaluate.py).
 
     python benchmarks/retrieval_quality.py [--dataset DIR] [--index DIR] [--device auto]
+        [--preset exact|fast] [--precision fp32|bf16]
 """
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ def main() -> None:
     parser.add_argument("--dataset", type=Path, default=DEFAULT_DATASET)
     parser.add_argument("--index", type=Path, help="index folder to build or reuse")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--preset", default="exact", choices=["exact", "fast"])
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     args = parser.parse_args()
     if not args.dataset.is_dir():
         sys.exit(f"{args.dataset}: dataset folder not found (pass --dataset)")
@@ -41,7 +44,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         index_path = args.index or Path(scratch) / "index"
         with imgindex.Index.open(
-            index_path, create=True, device=args.device, batch_size=args.batch_size
+            index_path,
+            create=True,
+            device=args.device,
+            batch_size=args.batch_size,
+            preset=args.preset,
+            precision=args.precision,
         ) as index:
             report = index.add(args.dataset, progress=_progress)
             print(file=sys.stderr)
@@ -66,6 +74,7 @@ def main() -> None:
                 )
                 rows.append((metric, scores, seconds))
             device = index.vectorizer.device
+            precision = index.vectorizer.precision
 
     print(
         f"\nRetrieval quality on {args.dataset.name}: {len(ids)} images, {len(counts)} labels "
@@ -73,7 +82,8 @@ def main() -> None:
     )
     print(
         f"Index: {report.embedded} images embedded in {report.seconds:.0f} s "
-        f"({report.images_per_second:.1f} images/s) on {device}; {len(report.skipped)} skipped"
+        f"({report.images_per_second:.1f} images/s) on {device}, preset {args.preset}, "
+        f"precision {precision}; {len(report.skipped)} skipped"
     )
     print(
         f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "

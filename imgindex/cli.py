@@ -53,10 +53,11 @@ def model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     )(fn)
     fn = click.option(
         "--precision",
-        type=click.Choice(["fp32", "bf16"]),
-        default="fp32",
+        type=click.Choice(["auto", "fp32", "bf16"]),
+        default="auto",
         show_default=True,
-        help="bf16: faster on GPUs (and CPUs with bf16 units); vectors move by about 1e-2.",
+        help="bf16 is faster on GPUs and on CPUs with bf16 units (vectors move by a cosine of "
+        "about 5e-5). auto: fp32 for the exact preset, bf16 for fast where supported.",
     )(fn)
     return fn
 
@@ -229,8 +230,9 @@ def ingest_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             click.option(
                 "--workers",
                 default=None,
-                type=click.IntRange(1),
-                help="Threads reading and decoding images. Default: up to 4.",
+                type=click.IntRange(0),
+                help="Threads reading and decoding images ahead of the network. Default: 0 on "
+                "a CPU (read between forward passes), up to 8 with a GPU.",
             ),
             click.option(
                 "--max-pixels",

@@ -254,6 +254,8 @@ class _Build:
         buckets: dict[tuple[int, ...], list[_Read]] = defaultdict(list)
         pending = 0
         known_shas = frozenset(self.by_sha)
+        if workers is None:
+            workers = default_workers(self.vectorizer.device)
         results = _map_bounded(
             lambda p: self.read(p, known_shas), todo, workers, ahead=4 * batch_size
         )
@@ -404,12 +406,30 @@ def _under(text: str, roots: list[Path]) -> bool:
     return False
 
 
+def default_workers(device: str) -> int:
+    """Reading threads for a build on ``device``.
+
+    On a CPU the network already keeps every core busy, and a reading thread running beside it
+    stalls its parallel convolutions far more than the reading costs (about 22 ms per image
+    against 4 ms of reading, measured on 2 cores), so files are read in between forward passes
+    (0 threads). A GPU leaves the cores free for reading ahead.
+    """
+    return 0 if device == "cpu" else min(8, os.cpu_count() or 1)
+
+
 def _map_bounded(
-    fn: Callable[[Path], _Read], items: list[Path], workers: int | None, ahead: int
+    fn: Callable[[Path], _Read], items: list[Path], workers: int, ahead: int
 ) -> Iterator[tuple[Path, _Read | ImageError]]:
-    """``(item, fn(item))`` in order, computed in threads with at most ``ahead`` in flight.
-    ImageError is returned, not raised."""
-    workers = workers or min(4, os.cpu_count() or 1)
+    """``(item, fn(item))`` in order, computed in ``workers`` threads with at most ``ahead`` in
+    flight (0 workers: in the calling thread, one at a time). ImageError is returned, not
+    raised."""
+    if workers == 0:
+        for item in items:
+            try:
+                yield item, fn(item)
+            except ImageError as exc:
+                yield item, exc
+        return
     with cf.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="imgindex-read") as pool:
         futures: dict[int, cf.Future[_Read]] = {}
         try:

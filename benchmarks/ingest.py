@@ -1,0 +1,191 @@
+"""Ingest speed: imgsim's own loop vs imgindex (exact and fast presets) vs the model-only ceiling.
+
+All methods embed the same image files (default: a fixed sample of caltech101-dev), end to end
+from files on disk to vectors; model loading is left out of every timing. Rows:
+
+* imgsim: imgsim 0.1.2's ``Vectorizer().vectorize(cv2.imread(path))``, one image at a time, as
+  its README shows (needs ``opencv-python-headless``, which the test extra installs);
+* imgindex exact / fast: ``Index.sync`` into a new index (read, hash, decode, resize, embed,
+  commit to SQLite, save FAISS);
+* ceiling exact / fast: the same network and batches on tensors decoded and resized beforehand,
+  so only the forward passes are timed.
+
+It also checks that exact-preset vectors from the batched ingest equal one-by-one vectors (max
+abs difference) and compares them with imgsim's (min cosine). Run it on a GPU with --device cuda
+(and --precision bf16). Prints a table; ratios are against imgsim and against the ceiling of
+the same preset, measured in the same run.
+
+    python benchmarks/ingest.py [--images DIR] [--count 80] [--rounds 3] [--device auto]
+        [--precision fp32|bf16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import random
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import imgindex
+from imgindex.files import walk_images
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_IMAGES = ROOT.parent / "shared" / "datasets" / "caltech101-dev"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=Path, default=DEFAULT_IMAGES)
+    parser.add_argument("--count", type=int, default=80, help="images to use (0: all)")
+    parser.add_argument("--rounds", type=int, default=3, help="the median of this many runs")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--skip-imgsim", action="store_true")
+    args = parser.parse_args()
+
+    paths = sorted(walk_images([args.images]))
+    if args.count and args.count < len(paths):
+        paths = sorted(random.Random(0).sample(paths, args.count))
+    print(f"{len(paths)} images from {args.images}", file=sys.stderr)
+
+    vectorizers = {
+        preset: imgindex.Vectorizer(
+            device=args.device,
+            preset=preset,
+            precision=args.precision,
+            batch_size=args.batch_size,
+        )
+        for preset in ("exact", "fast")
+    }
+    vectors: dict[str, np.ndarray] = {}
+    methods: list[tuple[str, str, Callable[[], float]]] = []
+    if not args.skip_imgsim:
+        methods.append(
+            (
+                "imgsim 0.1.2 loop (batch 1, autograd on, fp32)",
+                "imgsim",
+                imgsim_method(paths, args.device, vectors),
+            )
+        )
+    for preset, vectorizer in vectorizers.items():
+        methods.append(
+            (
+                f"imgindex {preset} (end to end)",
+                preset,
+                ingest_method(vectorizer, paths, vectors, preset),
+            )
+        )
+        methods.append(
+            (f"ceiling {preset} (forward passes only)", preset, ceiling_method(vectorizer, paths))
+        )
+
+    # The machine's speed drifts by 10% or more over minutes (shared cores), so the methods take
+    # turns, in a rotating order, and each one's median is reported.
+    times: dict[str, list[float]] = {name: [] for name, _, _ in methods}
+    for round_ in range(args.rounds):
+        order = methods[round_ % len(methods) :] + methods[: round_ % len(methods)]
+        for name, _, run in order:
+            times[name].append(run())
+            print(f"round {round_ + 1}: {name}: {times[name][-1]:.1f} s", file=sys.stderr)
+    rows = [(name, float(np.median(times[name])), preset) for name, preset, _ in methods]
+
+    exact = vectorizers["exact"]
+    one_by_one = np.stack([exact.vectorize(p) for p in paths[:24]])
+    batch_gap = float(np.abs(vectors["exact"][:24] - one_by_one).max())
+    print_table(rows, len(paths), args.rounds)
+    print()
+    print(f"exact batched vs one-by-one (24 images): max abs difference {batch_gap:.2e}")
+    if "imgsim" in vectors:
+        for preset in ("exact", "fast"):
+            cos = np.diag(imgindex.cosine_similarity(vectors[preset], vectors["imgsim"]))
+            print(f"{preset} vs imgsim vectors: min cosine {cos.min():.6f}, mean {cos.mean():.6f}")
+    device = exact.device
+    gpu = torch.cuda.get_device_name(0) if device.startswith("cuda") else "none"
+    precisions = ", ".join(f"{k} {v.precision}" for k, v in vectorizers.items())
+    print(
+        f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, GPU {gpu}, torch "
+        f"{torch.__version__}, {torch.get_num_threads()} threads; device {device}, precision "
+        f"{precisions}, batch size {exact.batch_size}"
+    )
+
+
+def imgsim_method(
+    paths: list[Path], device: str, vectors: dict[str, np.ndarray]
+) -> Callable[[], float]:
+    import cv2
+    import imgsim
+
+    on_gpu = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    vectorizer = imgsim.Vectorizer(
+        device=device if device.startswith("cuda") else ("cuda" if on_gpu else "cpu")
+    )
+    vectorizer.vectorize(cv2.imread(str(paths[0])))  # warm up
+
+    def run() -> float:
+        started = time.perf_counter()
+        out = [np.asarray(vectorizer.vectorize(cv2.imread(str(p)))) for p in paths]
+        seconds = time.perf_counter() - started
+        vectors["imgsim"] = np.stack(out)
+        return seconds
+
+    return run
+
+
+def ingest_method(
+    vectorizer: imgindex.Vectorizer,
+    paths: list[Path],
+    vectors: dict[str, np.ndarray],
+    key: str,
+) -> Callable[[], float]:
+    vectorizer.vectorize(paths[:2])  # warm up
+
+    def run() -> float:
+        with (
+            tempfile.TemporaryDirectory() as scratch,
+            imgindex.Index.create(Path(scratch) / "index", vectorizer=vectorizer) as index,
+        ):
+            started = time.perf_counter()
+            report = index.sync(paths)
+            seconds = time.perf_counter() - started
+            if report.skipped:
+                print(f"skipped: {report.skipped[:3]}", file=sys.stderr)
+            vectors[key] = index.vectors([index.find(p).id for p in paths])
+            return seconds
+
+    return run
+
+
+def ceiling_method(vectorizer: imgindex.Vectorizer, paths: list[Path]) -> Callable[[], float]:
+    tensors = [vectorizer.prepare(p) for p in paths]  # decoded and resized beforehand
+    vectorizer.embed_tensors(tensors[:2])
+
+    def run() -> float:
+        started = time.perf_counter()
+        vectorizer.embed_tensors(tensors)  # returns numpy, so the device work is finished
+        return time.perf_counter() - started
+
+    return run
+
+
+def print_table(rows: list[tuple[str, float, str]], n: int, rounds: int) -> None:
+    base = next((s for name, s, _ in rows if name.startswith("imgsim")), None)
+    ceilings = {preset: s for name, s, preset in rows if name.startswith("ceiling")}
+    print(f"\n{n} images, median of {rounds} rounds")
+    print(f"{'method':<48}{'seconds':>9}{'images/s':>10}{'vs imgsim':>11}{'vs ceiling':>12}")
+    for name, seconds, preset in rows:
+        vs_imgsim = f"{base / seconds:.2f}x" if base else "-"
+        vs_ceiling = f"{ceilings[preset] / seconds:.2f}" if name.startswith("imgindex") else "-"
+        print(f"{name:<48}{seconds:>9.1f}{n / seconds:>10.2f}{vs_imgsim:>11}{vs_ceiling:>12}")
+
+
+if __name__ == "__main__":
+    main()
