@@ -34,7 +34,9 @@ test: lint
 	$(BIN)/python -m pytest
 
 bench: $(STAMP)
+	$(BIN)/python benchmarks/ingest.py
 	$(BIN)/python benchmarks/retrieval_quality.py
+	$(BIN)/python benchmarks/retrieval_quality.py --preset fast
 
 clean:
 	rm -rf $(VENV) $(DEMO_INDEX)
