@@ -629,13 +629,27 @@ def info(index_path: Path | None, skipped: bool, as_json: bool) -> None:
             f"{pre['interpolation']}{', JPEG draft decoding' if pre.get('jpeg_draft') else ''}, "
             "no crop, RGB, ImageNet mean/std",
         ),
-        ("Index type", f"{details['index_type']} (exact search)"),
-        ("Metrics", "l2 (Euclidean distance), cosine (similarity)"),
+        ("Index type", _index_type_line(details)),
+        ("Metrics", ", ".join(METRIC_NAMES[m] for m in details["metrics"])),
+        ("In memory", f"{_size(details['vector_index_bytes_in_memory'])} for the vector index"),
         ("Created", details["created_at"]),
         ("On disk", f"{_size(details['bytes_on_disk'])} ({files})"),
     ]
     for name, value in rows:
         click.echo(f"{name + ':':<15}{value}")
+
+
+METRIC_NAMES = {"l2": "l2 (Euclidean distance)", "cosine": "cosine (similarity)"}
+
+
+def _index_type_line(details: dict[str, Any]) -> str:
+    requested = details["index_requested"]
+    asked = "auto" if requested == "auto" else requested["kind"]
+    search = "exact search" if details["exact"] else "approximate search, exact re-scoring"
+    line = f"{details['index_type']} ({search}; asked for: {asked})"
+    if details.get("index_note"):
+        line += f"\n{'':15}{details['index_note']}"
+    return line
 
 
 def _is_default(sha: str) -> bool:

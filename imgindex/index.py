@@ -19,10 +19,10 @@ from typing import Any
 
 import numpy as np
 
-from imgindex import ingest
+from imgindex import ann, ingest
 from imgindex.errors import IncompatibleIndexError, WeightsError
 from imgindex.model import Vectorizer, _split_batch, resolve_weights
-from imgindex.search import Hit, VectorSearch, check_metric
+from imgindex.search import Hit, check_metric, rank_exactly
 from imgindex.store import DB_NAME, CheckReport, ImageRecord, Store, path_text
 
 INDEX_ENV = "IMGINDEX_INDEX"
@@ -50,7 +50,6 @@ class Index:
         self._store = store
         self._vectorizer = vectorizer
         self._vectorizer_args = vectorizer_args
-        self._search = VectorSearch()
         if vectorizer is not None:
             self._check_compatible(vectorizer)
 
@@ -76,14 +75,27 @@ class Index:
         path: str | os.PathLike[str] | None = None,
         *,
         vectorizer: Vectorizer | None = None,
+        index_type: str | ann.IndexSpec | None = None,
+        metric: str = "l2",
         **vectorizer_args: Any,
     ) -> Index:
         """Create a new, empty index at ``path``; it records the vectorizer's weights and
-        preprocessing (``preset="fast"`` for the fast preset)."""
+        preprocessing (``preset="fast"`` for the fast preset) and the kind of vector index
+        to keep (``index_type``: auto (default), flat, hnsw, ivf-flat, ivf-pq or
+        factory:STRING; ``metric`` is the one an approximate index is built for)."""
         path = Path(path) if path is not None else default_index_path()
+        spec = _as_spec(index_type, metric)
         args = {k: v for k, v in vectorizer_args.items() if v is not None}
         vectorizer = vectorizer or Vectorizer(**args)
-        return cls(Store.create(path, vectorizer.fingerprint()), vectorizer, **vectorizer_args)
+        store = Store.create(path, vectorizer.fingerprint(), spec)
+        return cls(store, vectorizer, **vectorizer_args)
+
+    def set_index_type(self, index_type: str | ann.IndexSpec | None, metric: str = "l2") -> None:
+        """Keep another kind of vector index from now on (None or "auto": auto). It is built
+        from the stored vectors, without embedding anything, at the next save (the end of the
+        next sync, or :meth:`repair`)."""
+        store = self._writable_store()
+        store.request_index(_as_spec(index_type, metric))
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -294,19 +306,54 @@ class Index:
 
     # -- searching --------------------------------------------------------------------------
 
-    def search(self, images: Any, k: int = 10, metric: str = "l2", channels: str = "bgr") -> Any:
+    def search(
+        self, images: Any, k: int = 10, metric: str = "l2", channels: str = "bgr", **options: Any
+    ) -> Any:
         """Nearest indexed images to one image (-> list of :class:`Hit`) or to a list / batch of
-        images (-> one list per image). Images are given as for ``Vectorizer.vectorize``."""
+        images (-> one list per image). Images are given as for ``Vectorizer.vectorize``;
+        ``options`` are those of :meth:`search_by_vector`."""
         check_metric(metric)
         single, items = _split_batch(images)
         vectors = self.vectorizer.vectorize_many(items, channels=channels)
-        results = self.search_by_vector(vectors, k=k, metric=metric)
+        results = self.search_by_vector(vectors, k=k, metric=metric, **options)
         return results[0] if single else results
 
-    def search_by_vector(self, vectors: Any, k: int = 10, metric: str = "l2") -> Any:
+    def similar(self, image: int | str | os.PathLike[str], k: int = 10, metric: str = "l2",
+                **options: Any) -> list[Hit]:  # fmt: skip
+        """Nearest images to an indexed image, given by id or path, using its stored vector (no
+        embedding); the image itself is left out."""
+        record = self.get(image) if isinstance(image, int) else self.find(image)
+        if record is None:
+            raise KeyError(f"{image} is not in the index {self.path}")
+        vector = self._store.vectors([record.id])[0]
+        return self.search_by_vector(vector, k=k, metric=metric, exclude=[record.id], **options)
+
+    def search_by_vector(
+        self,
+        vectors: Any,
+        k: int = 10,
+        metric: str = "l2",
+        *,
+        nprobe: int | None = None,
+        ef_search: int | None = None,
+        max_distance: float | None = None,
+        min_similarity: float | None = None,
+        under: str | os.PathLike[str] | None = None,
+        exclude: Any = (),
+    ) -> Any:
         """Nearest indexed images to one vector (-> list of :class:`Hit`) or to each row of an
-        ``N x 768`` matrix (-> one list per row)."""
+        ``N x 768`` matrix (-> one list per row).
+
+        ``nprobe`` (IVF) and ``ef_search`` (HNSW) trade speed for recall on approximate indexes;
+        ``max_distance`` (l2) or ``min_similarity`` (cosine) drop results beyond a threshold;
+        ``under`` keeps only images whose path is under that folder (or is that file);
+        ``exclude`` leaves out the given ids.
+        """
         check_metric(metric)
+        if max_distance is not None and metric != "l2":
+            raise ValueError("max_distance applies to the l2 metric; use min_similarity")
+        if min_similarity is not None and metric != "cosine":
+            raise ValueError("min_similarity applies to the cosine metric; use max_distance")
         matrix = np.asarray(vectors, dtype=np.float32)
         single = matrix.ndim == 1
         matrix = np.atleast_2d(matrix)
@@ -314,22 +361,36 @@ class Index:
             raise ValueError(
                 f"expected vectors of {self._store.dim} numbers, got {matrix.shape[1]}"
             )
+        excluded = {int(i) for i in exclude}
+        params = ann.SearchParams(nprobe=nprobe, ef_search=ef_search)
         # The FAISS index and the rows are read at different moments; if a writer removed a
         # found image in between, search again on the newer state instead of returning a hit
         # without a row (or a short list).
         for _attempt in range(5):
-            self._store.refresh()
-            found = self._search.search(
-                self._store.vector_index, self._store.generation, matrix, k, metric
-            )
-            records = self._store.get_many({i for row in found for i, _ in row})
+            store = self._store
+            store.refresh()
+            allowed = store.ids_under(under) if under is not None else None
+            fetch = candidates_for(store.vector_index.spec, k + len(excluded))
+            candidates = store.vector_index.search(matrix, fetch, metric, params, allowed)
+            if excluded:
+                candidates = [c[~np.isin(c, list(excluded))] for c in candidates]
+            found = rank_exactly(matrix, candidates, store.stored_vectors, k, metric)
+            records = store.get_many({i for row in found for i, _ in row})
             if all(i in records for row in found for i, _ in row):
                 break
         results = [
             [
                 Hit(rank=rank, id=i, path=records[i].path, score=s, metric=metric)
-                for rank, (i, s) in enumerate(row, start=1)
-                if i in records
+                for rank, (i, s) in enumerate(
+                    [
+                        (i, s)
+                        for i, s in row
+                        if i in records
+                        and (max_distance is None or s <= max_distance)
+                        and (min_similarity is None or s >= min_similarity)
+                    ],
+                    start=1,
+                )
             ]
             for row in found
         ]
@@ -342,6 +403,8 @@ class Index:
         store = self._store
         fingerprint = store.fingerprint()
         sizes = store.disk_usage()
+        built = store.vector_index.spec
+        requested = store.requested_spec
         return {
             "path": str(self.path),
             "images": store.count(),
@@ -350,10 +413,30 @@ class Index:
             "weights_sha256": fingerprint["weights_sha256"],
             "dim": fingerprint["dim"],
             "preprocessing": fingerprint["preprocessing"],
-            "index_type": store.meta("index_type"),
-            "exact": True,
-            "metrics": ["l2", "cosine"],
+            "index_type": built.describe(),
+            "index": built.as_dict(),
+            "index_requested": "auto" if requested is None else requested.as_dict(),
+            "index_note": store.index_note(),
+            "exact": built.exact,
+            "metrics": ["l2", "cosine"] if built.metric == "both" else [built.metric],
+            "vector_index_bytes_in_memory": store.vector_index.memory_bytes(),
             "created_at": store.meta("created_at"),
             "files": sizes,
             "bytes_on_disk": sum(sizes.values()),
         }
+
+
+def candidates_for(spec: ann.IndexSpec, k: int) -> int:
+    """How many candidates to take from the vector index for ``k`` results: a margin for
+    re-scoring to reorder near-ties, and many more for IVF-PQ, whose compressed codes only
+    approximate the distances (benchmarks/scale.py measures the recall this buys)."""
+    if spec.kind == "ivf-pq" or (spec.kind == "factory" and "PQ" in spec.params["factory"]):
+        return max(10 * k, k + 100)
+    return k + 16
+
+
+def _as_spec(index_type: str | ann.IndexSpec | None, metric: str) -> ann.IndexSpec | None:
+    if index_type is None or isinstance(index_type, ann.IndexSpec):
+        return index_type
+    check_metric(metric)
+    return ann.parse_index_type(index_type, metric)

@@ -5,23 +5,22 @@ Two metrics, both exact on the default (flat) index:
 * ``l2``: Euclidean distance between raw AugNet vectors (imgsim's ``distance``); smaller is closer.
 * ``cosine``: cosine similarity, the dot product of the normalised vectors; larger is closer.
 
-FAISS finds the candidates (float32 arithmetic, which loses about 1e-5 of a squared distance of a
-few hundred, so an image's distance to itself could read 0.005). The candidates are then re-scored
-in float64 from their stored vectors and re-sorted, so the reported numbers and order are those of
-a brute-force float64 search.
+The vector index (:mod:`imgindex.ann`) finds candidates in float32 (which loses about 1e-5 of a
+squared distance of a few hundred, so an image's distance to itself could read 0.005), or
+approximately. The candidates are then re-scored in float64 from their stored vectors and
+re-sorted (:func:`rank_exactly`), so the reported numbers and order are those of a brute-force
+float64 search over the candidates.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 METRICS = ("l2", "cosine")
-
-# Extra candidates fetched from FAISS so that re-scoring can reorder near-ties at the k-th place.
-_RERANK_MARGIN = 16
 
 
 @dataclass(frozen=True)
@@ -107,50 +106,25 @@ def _shape_like(matrix: np.ndarray, a: Any, b: Any) -> Any:
     return matrix
 
 
-class VectorSearch:
-    """Exact k-nearest-neighbour search over a FAISS ``IndexIDMap2(IndexFlatL2)``.
-
-    Cosine search uses a second, normalised inner-product copy built on first use and rebuilt when
-    the vectors change (``version`` tells).
-    """
-
-    def __init__(self) -> None:
-        self._cosine: Any = None
-        self._cosine_version: Any = None
-
-    def search(
-        self, l2_index: Any, version: Any, queries: np.ndarray, k: int, metric: str
-    ) -> list[list[tuple[int, float]]]:
-        """For each query row, up to ``k`` (id, score) pairs, best first."""
-        check_metric(metric)
-        queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
-        n = l2_index.ntotal
-        if n == 0 or k <= 0:
-            return [[] for _ in queries]
-        fetch = min(n, k + _RERANK_MARGIN)
-        if metric == "l2":
-            _, candidates = l2_index.search(queries, fetch)
-        else:
-            _, candidates = self._cosine_index(l2_index, version).search(
-                _normalized(queries.astype(np.float64)).astype(np.float32), fetch
-            )
-        results = []
-        for query, row in zip(queries, candidates, strict=True):
-            ids = row[row >= 0]
-            exact = score(query, l2_index.reconstruct_batch(ids), metric)
-            # Best first; equal scores by id, so the order is reproducible.
-            order = np.lexsort((ids, exact if metric == "l2" else -exact))[:k]
-            results.append([(int(ids[i]), float(exact[i])) for i in order])
-        return results
-
-    def _cosine_index(self, l2_index: Any, version: Any) -> Any:
-        import faiss
-
-        if self._cosine is None or self._cosine_version != version:
-            ids = faiss.vector_to_array(l2_index.id_map).astype(np.int64)
-            vectors = l2_index.reconstruct_batch(ids) if len(ids) else np.empty((0, l2_index.d))
-            cosine = faiss.IndexIDMap2(faiss.IndexFlatIP(l2_index.d))
-            if len(ids):
-                cosine.add_with_ids(_normalized(vectors.astype(np.float64)).astype(np.float32), ids)
-            self._cosine, self._cosine_version = cosine, version
-        return self._cosine
+def rank_exactly(
+    queries: np.ndarray,
+    candidates: list[np.ndarray],
+    vectors_of: Callable[[np.ndarray], np.ndarray],
+    k: int,
+    metric: str,
+) -> list[list[tuple[int, float]]]:
+    """Re-score each query's candidate ids in float64 against their stored vectors and keep the
+    best ``k``: (id, score) pairs, best first, equal scores by id (reproducible order)."""
+    check_metric(metric)
+    unique = np.unique(np.concatenate(candidates)) if candidates else np.empty(0, np.int64)
+    if not len(unique):
+        return [[] for _ in candidates]
+    stored = vectors_of(unique)
+    results = []
+    for query, ids in zip(queries, candidates, strict=True):
+        ids = np.unique(ids)
+        rows = np.searchsorted(unique, ids)
+        exact = np.atleast_1d(score(query, stored[rows], metric))
+        order = np.lexsort((ids, exact if metric == "l2" else -exact))[:k]
+        results.append([(int(ids[i]), float(exact[i])) for i in order])
+    return results

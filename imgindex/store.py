@@ -39,6 +39,8 @@ from typing import Any
 
 import numpy as np
 
+from imgindex import ann
+from imgindex.ann import IndexSpec
 from imgindex.errors import IncompatibleIndexError, IndexLockedError, IndexNotFoundError
 
 DB_NAME = "imgindex.db"
@@ -147,12 +149,9 @@ class Store:
     """An open index folder: SQLite rows and the FAISS index over their vectors."""
 
     def __init__(self, path: Path, db: Any, writable: bool):
-        import faiss
-
         self.path = path
         self.db = db
         self.writable = writable
-        self._faiss = faiss
         self.dim = int(self.meta("dim"))
         self._lock_fh: Any = None
         self._dirty = False  # vector_index differs from the FAISS file
@@ -167,8 +166,14 @@ class Store:
     # -- opening ----------------------------------------------------------------------------
 
     @classmethod
-    def create(cls, path: str | os.PathLike[str], fingerprint: dict[str, Any]) -> Store:
-        """Create a new, empty index folder recording which vectors it will hold."""
+    def create(
+        cls,
+        path: str | os.PathLike[str],
+        fingerprint: dict[str, Any],
+        index_spec: IndexSpec | None = None,
+    ) -> Store:
+        """Create a new, empty index folder recording which vectors it will hold and which
+        kind of vector index to keep (None: auto)."""
         path = Path(path)
         if (path / DB_NAME).exists():
             raise IncompatibleIndexError(f"{path}: an index already exists here")
@@ -184,7 +189,10 @@ class Store:
                     {"key": "weights_sha256", "value": fingerprint["weights_sha256"]},
                     {"key": "dim", "value": str(fingerprint["dim"])},
                     {"key": "preprocessing", "value": json.dumps(fingerprint["preprocessing"])},
-                    {"key": "index_type", "value": "Flat"},
+                    {
+                        "key": "index_requested",
+                        "value": "auto" if index_spec is None else json.dumps(index_spec.as_dict()),
+                    },
                 ]
             )
         return cls(path, db, writable=True)
@@ -219,6 +227,13 @@ class Store:
                 raise IncompatibleIndexError(f"{self.path}: index settings lack {key!r}")
             return default
         return row[0]
+
+    def _set_meta(self, key: str, value: str) -> None:
+        self.db.execute(
+            "INSERT INTO meta (key, value) VALUES (?, ?) "
+            "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            [key, value],
+        )
 
     def fingerprint(self) -> dict[str, Any]:
         return {
@@ -352,6 +367,18 @@ class Store:
         """Ids of images that have a row and a vector (sorted)."""
         rows = self.db.execute(
             "SELECT images.id FROM images JOIN vectors USING (id) ORDER BY images.id"
+        ).fetchall()
+        return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+
+    def ids_under(self, path: str | os.PathLike[str]) -> np.ndarray:
+        """Ids of the images at ``path`` or under it (a folder), sorted."""
+        text = path_text(os.path.abspath(path))
+        prefix = text.rstrip(os.sep) + os.sep
+        # Every path that starts with "prefix/" sorts between "prefix/" and "prefix0".
+        upper = prefix[:-1] + chr(ord(os.sep) + 1)
+        rows = self.db.execute(
+            "SELECT id FROM images WHERE path = ? OR (path >= ? AND path < ?) ORDER BY id",
+            [text, prefix, upper],
         ).fetchall()
         return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
 
@@ -511,6 +538,34 @@ class Store:
 
     # -- the FAISS index --------------------------------------------------------------------
 
+    @property
+    def requested_spec(self) -> IndexSpec | None:
+        """The index kind asked for (None: auto)."""
+        text = self.meta("index_requested", "auto")
+        return None if text == "auto" else IndexSpec.from_dict(json.loads(text))
+
+    @property
+    def built_spec(self) -> IndexSpec:
+        """The index kind the FAISS file holds (flat until an approximate one can be trained)."""
+        text = self.meta("index_built", "")
+        return IndexSpec.from_dict(json.loads(text)) if text else IndexSpec("flat")
+
+    def request_index(self, spec: IndexSpec | None) -> None:
+        """Ask for another index kind (None: auto); the next save builds it if it can."""
+        self._require_writable()
+        value = "auto" if spec is None else json.dumps(spec.as_dict())
+        with self.db.atomic():
+            self._set_meta("index_requested", value)
+
+    def index_note(self) -> str | None:
+        """Why the index built differs from the one asked for, if it does."""
+        target, note = ann.plan(self.requested_spec, self.count(), self.dim)
+        return note if target.kind != self.requested_kind() else None
+
+    def requested_kind(self) -> str:
+        spec = self.requested_spec
+        return "auto" if spec is None else spec.kind
+
     def refresh(self) -> None:
         """Bring the in-memory FAISS index up to date if another process committed changes."""
         version = self._data_version()
@@ -519,11 +574,21 @@ class Store:
             self._reconcile()
 
     def save_vector_index(self, force: bool = False) -> None:
-        """Write the FAISS index atomically, if it changed since it was loaded or saved."""
+        """Write the FAISS index atomically if it changed since it was loaded or saved; first
+        build the kind asked for if the collection has become large enough to train it, and
+        rebuild an HNSW index that carries many deleted vectors."""
         self._require_writable()
+        target, _ = ann.plan(self.requested_spec, self.count(), self.dim)
+        built = self.vector_index.spec
+        if (target.kind, target.metric) != (built.kind, built.metric):
+            self._rebuild(target)
+        elif self.vector_index.tombstone_fraction > 0.1:
+            self._rebuild(built)
         if not (self._dirty or force) and (self.path / FAISS_NAME).exists():
             return
-        _atomic_write_faiss(self._faiss, self.vector_index, self.path / FAISS_NAME)
+        self.vector_index.save(self.path / FAISS_NAME)
+        with self.db.atomic():
+            self._set_meta("index_built", json.dumps(self.vector_index.spec.as_dict()))
         self._dirty = False
         self._last_save = time.monotonic()
 
@@ -539,9 +604,9 @@ class Store:
         add_vectors: np.ndarray | None = None,
     ) -> None:
         if len(remove):
-            self.vector_index.remove_ids(np.asarray(remove, dtype=np.int64))
+            self.vector_index.remove(np.asarray(remove, dtype=np.int64))
         if len(add_ids):
-            self.vector_index.add_with_ids(add_vectors, np.asarray(add_ids, dtype=np.int64))
+            self.vector_index.add(np.asarray(add_ids, dtype=np.int64), add_vectors)
         if len(remove) or len(add_ids):
             self._dirty = True
             self.generation = next(_GENERATIONS)
@@ -550,26 +615,49 @@ class Store:
         # Changes when another connection commits to the database (not for our own commits).
         return self.db.execute("PRAGMA data_version").fetchone()[0]
 
-    def _new_vector_index(self) -> Any:
-        faiss = self._faiss
-        return faiss.IndexIDMap2(faiss.IndexFlatL2(self.dim))
+    def _load_vector_index(self) -> ann.VectorIndex:
+        """The FAISS file (memory-mapped for readers), or an index rebuilt from SQLite."""
+        spec = self.built_spec
+        loaded = ann.VectorIndex.load(
+            self.path / FAISS_NAME, spec, self.dim, mmap=not self.writable
+        )
+        if loaded is not None:
+            return loaded
+        self._dirty = True
+        if spec.min_training_vectors() or spec.kind in ("ivf-flat", "ivf-pq", "factory"):
+            return self._build_from_sqlite(spec)
+        return ann.VectorIndex.empty(spec, self.dim)  # reconcile fills it
 
-    def _read_faiss_file(self) -> Any:
-        """The FAISS file, or None if there is none or it is not one of ours."""
-        try:
-            index = self._faiss.read_index(str(self.path / FAISS_NAME))
-        except Exception:  # missing or unreadable: rebuilt from SQLite
-            return None
-        if not isinstance(index, self._faiss.IndexIDMap2) or index.d != self.dim:
-            return None
-        return index
+    def _rebuild(self, spec: IndexSpec) -> None:
+        self.vector_index = self._build_from_sqlite(spec)
+        self._dirty = True
+        self.generation = next(_GENERATIONS)
 
-    def _load_vector_index(self) -> Any:
-        index = self._read_faiss_file()
-        if index is None:
-            self._dirty = True
-            return self._new_vector_index()
-        return index
+    def _build_from_sqlite(self, spec: IndexSpec) -> ann.VectorIndex:
+        """``spec`` built (and trained) from the stored vectors of one SQLite snapshot."""
+        with self._snapshot():
+            live = self._live_ids()
+            rng = np.random.default_rng(0)
+
+            def chunks() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+                for start in range(0, len(live), 20_000):
+                    part = live[start : start + 20_000]
+                    yield part, self.vectors(part.tolist())
+
+            def sample(m: int) -> np.ndarray:
+                picked = np.sort(rng.choice(live, size=min(m, len(live)), replace=False))
+                return self.vectors(picked.tolist())
+
+            if spec.min_training_vectors() > len(live) or (
+                spec.kind != "flat" and spec.kind != "hnsw" and not len(live)
+            ):
+                spec = IndexSpec("flat")
+            if spec.kind in ("flat", "hnsw"):
+                index = ann.VectorIndex.empty(spec, self.dim)
+                for ids, vectors in chunks():
+                    index.add(ids, vectors)
+                return index
+            return ann.VectorIndex.build(spec, self.dim, chunks, sample, len(live))
 
     @contextlib.contextmanager
     def _snapshot(self) -> Iterator[None]:
@@ -587,17 +675,17 @@ class Store:
         """Make the in-memory FAISS index hold exactly the vectors of one SQLite snapshot."""
         with self._snapshot():
             live = self._live_ids()
-            present = self._faiss.vector_to_array(self.vector_index.id_map).astype(np.int64)
+            present = self.vector_index.ids()
             stale = np.setdiff1d(present, live, assume_unique=True)
-            # Removing from a flat index compacts it (O(n) per call); when most of it would
-            # go, starting again from the stored vectors is simpler and faster.
-            rebuild = len(stale) > len(present) // 2
-            missing = live if rebuild else np.setdiff1d(live, present, assume_unique=True)
+            missing = np.setdiff1d(live, present, assume_unique=True)
             vectors = self.vectors(missing.tolist()) if len(missing) else None
-        if rebuild:
-            self.vector_index = self._new_vector_index()
-            stale = stale[:0]
         self._apply(remove=stale, add_ids=missing, add_vectors=vectors)
+
+    def stored_vectors(self, ids: np.ndarray) -> np.ndarray:
+        """Raw vectors of ``ids``: from the FAISS index when it keeps them exactly, else from
+        SQLite."""
+        found = self.vector_index.reconstruct(ids)
+        return found if found is not None else self.vectors([int(i) for i in ids])
 
     # -- checking and repairing -------------------------------------------------------------
 
@@ -635,21 +723,24 @@ class Store:
         if meta_dim != self.dim:
             report.problems.append(f"index settings say {meta_dim} dimensions, found {self.dim}")
 
-        file = self._read_faiss_file()
+        built = self.built_spec
+        file = ann.VectorIndex.load(self.path / FAISS_NAME, built, self.dim, mmap=True)
         if not (self.path / FAISS_NAME).exists():
             report.warnings.append(
-                f"no {FAISS_NAME} yet: it is rebuilt from SQLite in memory on open "
-                "(repair writes it)"
+                f"no {FAISS_NAME} yet: it is rebuilt from SQLite on open (repair writes it)"
             )
         elif file is None:
-            report.problems.append(f"{FAISS_NAME} cannot be read (repair rebuilds it)")
+            report.problems.append(
+                f"{FAISS_NAME} cannot be read as {built.describe()} (repair rebuilds it)"
+            )
         else:
-            report.faiss_file = file.ntotal
-            file_ids = self._faiss.vector_to_array(file.id_map).astype(np.int64)
+            report.faiss_file = len(file.base_ids)
+            file_ids = file.base_ids
             if len(np.unique(file_ids)) != len(file_ids):
                 report.problems.append(f"{FAISS_NAME} holds duplicate ids (repair rebuilds it)")
             common, _, in_db = np.intersect1d(file_ids, live, return_indices=True)
-            if len(common) and not np.array_equal(file.reconstruct_batch(common), stored[in_db]):
+            kept = file.reconstruct(common) if len(common) else None
+            if kept is not None and not np.array_equal(kept, stored[in_db]):
                 report.problems.append(
                     f"{FAISS_NAME} holds vectors that differ from SQLite's (repair rebuilds it)"
                 )
@@ -660,6 +751,9 @@ class Store:
                     f"{FAISS_NAME} is out of date ({behind} vectors to add, {ahead} to remove); "
                     "it is brought up to date in memory on open (repair rewrites it)"
                 )
+        note = self.index_note()
+        if note:
+            report.warnings.append(note)
         if weights_sha256 is not None and weights_sha256 != self.meta("weights_sha256"):
             report.problems.append(
                 f"the index was built with weights {self.meta('weights_sha256')[:12]}, the "
@@ -697,8 +791,8 @@ class Store:
         for leftover in self._temporary_files():
             leftover.unlink()
             temporary += 1
-        self.vector_index = self._new_vector_index()
-        self._reconcile()
+        target, _ = ann.plan(self.requested_spec, self.count(), self.dim)
+        self._rebuild(target)
         self.save_vector_index(force=True)
         return {
             "orphan_vectors_removed": orphans,
@@ -753,20 +847,3 @@ def _migrate(db: Any, path: Path, apply: bool = True) -> None:
                 if statement.strip():
                     db.execute(statement)
             db.execute("INSERT INTO _migrations VALUES (?, ?)", [name, _now()])
-
-
-def _atomic_write_faiss(faiss: Any, index: Any, target: Path) -> None:
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    try:
-        faiss.write_index(index, str(tmp))
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-    dir_fd = os.open(target.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)

@@ -50,7 +50,7 @@ def test_build_then_query_then_info(run, tmp_path, photos):
     assert "similarity" in result.stdout.splitlines()[1]
 
     info = run("info", "--index", index).stdout
-    assert "Images:        36" in info and "Flat (exact search)" in info
+    assert "Images:        36" in info and "Flat (exact) (exact search; asked for: auto)" in info
     assert "l2 (Euclidean distance), cosine (similarity)" in info
 
 
@@ -73,7 +73,7 @@ def test_json_outputs(run, tmp_path, photos):
     assert len(cosine[0]["results"]) == 6  # k=10 but only 6 indexed
 
     info = json.loads(run("info", "--index", index, "--json").stdout)
-    assert info["images"] == 6 and info["index_type"] == "Flat"
+    assert info["images"] == 6 and info["index_type"] == "Flat (exact)" and info["exact"]
 
 
 def test_skipped_files_in_summary_and_info(run, tmp_path):

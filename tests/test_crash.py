@@ -60,7 +60,7 @@ def assert_consistent(index: Path, files_may_be_missing: bool = False) -> int:
         ids, stored = store.all_vectors()
         assert store.vector_index.ntotal == store.count() == len(ids)
         if len(ids):
-            np.testing.assert_array_equal(store.vector_index.reconstruct_batch(ids), stored)
+            np.testing.assert_array_equal(store.vector_index.reconstruct(ids), stored)
         paths = [r.path for r in store.records()]
         assert len(paths) == len(set(paths))
         report = store.check()

@@ -142,7 +142,7 @@ def test_info_describes_the_index(tmp_path, photos, fake_vectorizer):
     with imgindex.Index.create(tmp_path / "idx", vectorizer=fake_vectorizer) as index:
         index.add(photos / "Leopards")
         info = index.info()
-    assert info["images"] == 6 and info["dim"] == 768 and info["index_type"] == "Flat"
+    assert info["images"] == 6 and info["dim"] == 768 and info["index_type"] == "Flat (exact)"
     assert info["weights_sha256"] == "0" * 64 and info["metrics"] == ["l2", "cosine"]
     assert info["preprocessing"]["short_side"] == 350
     assert info["bytes_on_disk"] > 6 * 768 * 4

@@ -35,7 +35,7 @@ def assert_consistent(store):
     ids, stored = store.all_vectors()
     assert store.vector_index.ntotal == store.count() == len(ids)
     if len(ids):
-        np.testing.assert_array_equal(store.vector_index.reconstruct_batch(ids), stored)
+        np.testing.assert_array_equal(store.vector_index.reconstruct(ids), stored)
 
 
 def test_create_write_reopen(tmp_path):
