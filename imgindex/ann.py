@@ -194,8 +194,9 @@ def _factory_training_needs(factory: str) -> int:
     ivf = re.search(r"IVF(\d+)", factory)
     if ivf:
         needs = max(needs, 39 * int(ivf.group(1)))
-    if re.search(r"PQ\d+", factory):
-        needs = max(needs, 39 * 256)
+    for pq in re.finditer(r"PQ\d+(?:x(\d+))?", factory):
+        bits = int(pq.group(1) or 8)
+        needs = max(needs, 39 * 2**bits)
     return needs
 
 
@@ -377,7 +378,9 @@ class VectorIndex:
         """Candidate ids for each query (about ``k`` of the best, best first for exact kinds);
         restricted to ``allowed`` ids when given. The caller re-scores them exactly."""
         if not self.spec.serves(metric):
-            raise ValueError(
+            from imgindex.errors import IncompatibleIndexError
+
+            raise IncompatibleIndexError(
                 f"this index is {self.spec.describe()}: it answers {self.spec.metric} queries "
                 f"only (rebuild it with --metric {metric}, or use a flat index for both)"
             )

@@ -277,10 +277,30 @@ def _say_waiting(holder: str) -> None:
     is_flag=True,
     help="Keep the entries of files that no longer exist (default: remove them).",
 )
+@click.option(
+    "--index-type",
+    default=None,
+    help="auto (default for a new index), flat (exact), hnsw, ivf-flat, ivf-pq, with optional "
+    "parameters (hnsw:M=48, ivf-pq:nlist=4096,m=32), or factory:STRING for a FAISS factory "
+    "string. Changing it on an existing index rebuilds the vector index without re-embedding.",
+)
+@click.option(
+    "--index-metric",
+    type=click.Choice(["l2", "cosine"]),
+    default="l2",
+    show_default=True,
+    help="The metric an approximate index is built for (the flat index serves both).",
+)
 @wait_option
 @json_option
 @user_errors
-def build(folders: tuple[Path, ...], keep_missing: bool, **options: Any) -> None:
+def build(
+    folders: tuple[Path, ...],
+    keep_missing: bool,
+    index_type: str | None,
+    index_metric: str,
+    **options: Any,
+) -> None:
     """Index the images in FOLDERS (recursively; files may be named too).
 
     Creates the index if it does not exist. Running it again brings the index up to date:
@@ -288,7 +308,18 @@ def build(folders: tuple[Path, ...], keep_missing: bool, **options: Any) -> None
     entries of files that no longer exist under FOLDERS are removed (see --keep-missing).
     Unreadable files are skipped and listed at the end; they never stop the build.
     """
-    _ingest(folders, remove_missing=not keep_missing, **options)
+    try:
+        spec = None if index_type is None else _parse_index_type(index_type, index_metric)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--index-type") from None
+    _ingest(folders, remove_missing=not keep_missing, index_type=spec, **options)
+
+
+def _parse_index_type(text: str, metric: str) -> Any:
+    from imgindex.ann import parse_index_type
+
+    parsed = parse_index_type(text, metric)
+    return "auto" if parsed is None else parsed
 
 
 @cli.command()
@@ -323,6 +354,7 @@ def _ingest(
     wait: float,
     verbose: bool,
     as_json: bool,
+    index_type: Any = None,
 ) -> None:
     from imgindex.index import Index, default_index_path
     from imgindex.store import DB_NAME
@@ -334,15 +366,16 @@ def _ingest(
             raise click.BadParameter(f"{path}: no such file or folder", param_hint="PATHS")
     location = index_path or default_index_path()
     created = not (location / DB_NAME).exists()
-    with Index.open(
-        location,
-        create=True,
-        weights=weights,
-        device=device,
-        batch_size=batch_size,
-        precision=precision,
-        preset=preset,
-    ) as index:
+    args = {"weights": weights, "device": device, "batch_size": batch_size}
+    args.update({"precision": precision, "preset": preset})
+    if created:
+        spec = None if index_type == "auto" else index_type
+        index = Index.create(location, index_type=spec, **args)
+    else:
+        index = Index.open(location, create=True, **args)
+        if index_type is not None:
+            index.set_index_type(None if index_type == "auto" else index_type)
+    with index:
         if created and not as_json:
             click.echo(f"Created index {location}", err=True)
         timer.done("open index")
@@ -487,12 +520,58 @@ def repair(index_path: Path | None, remove_missing: bool, wait: float, as_json: 
     click.echo(f"Repaired; {remaining} images.")
 
 
+def search_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    for option in reversed(
+        [
+            click.option("-k", "--top", "k", default=10, show_default=True, type=click.IntRange(1)),
+            click.option(
+                "--max-distance",
+                type=click.FloatRange(0),
+                help="Only results at most this L2 distance away (l2).",
+            ),
+            click.option(
+                "--min-similarity",
+                type=click.FloatRange(-1, 1),
+                help="Only results at least this similar (cosine).",
+            ),
+            click.option(
+                "--under",
+                type=click.Path(path_type=Path),
+                help="Only images whose path is under this folder (or is this file).",
+            ),
+            click.option(
+                "--nprobe",
+                type=click.IntRange(1),
+                help="IVF indexes: lists to visit (more: better recall, slower).",
+            ),
+            click.option(
+                "--ef-search",
+                type=click.IntRange(1),
+                help="HNSW indexes: candidates to keep while searching (more: better recall).",
+            ),
+        ]
+    ):
+        fn = option(fn)
+    return fn
+
+
+def _search_kwargs(options: dict[str, Any]) -> dict[str, Any]:
+    if options["max_distance"] is not None and options["metric"] != "l2":
+        raise click.UsageError("--max-distance goes with --metric l2; use --min-similarity")
+    if options["min_similarity"] is not None and options["metric"] != "cosine":
+        raise click.UsageError("--min-similarity goes with --metric cosine; use --max-distance")
+    return {
+        key: options[key]
+        for key in ("k", "metric", "max_distance", "min_similarity", "under", "nprobe", "ef_search")
+    }
+
+
 @cli.command()
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
 @index_option
 @model_options
-@click.option("-k", "--top", "k", default=10, show_default=True, type=click.IntRange(1))
 @metric_option
+@search_options
 @verbose_option
 @json_option
 @user_errors
@@ -502,12 +581,12 @@ def query(
     weights: Path | None,
     device: str,
     precision: str,
-    k: int,
-    metric: str,
     verbose: bool,
     as_json: bool,
+    **options: Any,
 ) -> None:
     """Show the K indexed images most similar to each of IMAGES."""
+    search = _search_kwargs(options)
     timer = StageTimer(verbose)
     with _open_index(index_path, weights=weights, device=device, precision=precision) as index:
         timer.done("open index")
@@ -515,32 +594,171 @@ def query(
         timer.done("load model")
         vectors = index.vectorizer.vectorize(list(images))
         timer.done(f"embed {len(images)} image(s)")
-        hits = index.search_by_vector(vectors, k=k, metric=metric)
+        hits = index.search_by_vector(vectors, **search)
         timer.done("search")
         total = index.count()
+    _print_hits([os.path.abspath(p) for p in images], [str(p) for p in images], hits, total,
+                search["metric"], as_json)  # fmt: skip
+
+
+@cli.command()
+@click.argument("images", nargs=-1, required=True)
+@index_option
+@metric_option
+@search_options
+@verbose_option
+@json_option
+@user_errors
+def similar(
+    images: tuple[str, ...],
+    index_path: Path | None,
+    verbose: bool,
+    as_json: bool,
+    **options: Any,
+) -> None:
+    """Show the images most similar to indexed IMAGES, given by id or path.
+
+    Uses their stored vectors (nothing is embedded, no model is loaded) and leaves each image
+    out of its own results.
+    """
+    search = _search_kwargs(options)
+    timer = StageTimer(verbose)
+    with _open_index(index_path) as index:
+        timer.done("open index")
+        found = []
+        for image in images:
+            key: int | str = int(image) if image.isdigit() else os.path.abspath(image)
+            try:
+                found.append(index.similar(key, **search))
+            except KeyError:
+                raise ImgIndexError(
+                    f"{image}: not in the index {index.path} (give an id or an indexed path)"
+                ) from None
+        timer.done("search")
+        total = index.count()
+    _print_hits(list(images), list(images), found, total, search["metric"], as_json)
+
+
+def _print_hits(
+    keys: list[str], labels: list[str], hits: list[Any], total: int, metric: str, as_json: bool
+) -> None:
     if as_json:
         print_json(
             [
-                {
-                    "query": os.path.abspath(image),
-                    "metric": metric,
-                    "results": [h.as_dict() for h in found],
-                }
-                for image, found in zip(images, hits, strict=True)
+                {"query": key, "metric": metric, "results": [h.as_dict() for h in found]}
+                for key, found in zip(keys, hits, strict=True)
             ]
         )
         return
     column = "distance" if metric == "l2" else "similarity"
-    for n, (image, found) in enumerate(zip(images, hits, strict=True)):
+    for n, (label, found) in enumerate(zip(labels, hits, strict=True)):
         if n:
             click.echo()
-        click.echo(f"Query {image} ({metric}, {len(found)} nearest of {total})")
+        click.echo(f"Query {label} ({metric}, {len(found)} nearest of {total})")
         if not found:
-            click.echo("  (the index is empty)")
+            click.echo("  (no results)" if total else "  (the index is empty)")
             continue
         click.echo(f"{'rank':>4}  {column:>10}  {'id':>6}  path")
         for hit in found:
             click.echo(f"{hit.rank:>4}  {hit.score:>10.4f}  {hit.id:>6}  {display_path(hit.path)}")
+
+
+@cli.command()
+@index_option
+@click.option(
+    "--threshold",
+    type=float,
+    default=None,
+    help="L2 distance at most this (default 4.0), or cosine similarity at least this "
+    "(default 0.97). See the README for what these mean on real photos.",
+)
+@metric_option
+@click.option("--under", type=click.Path(path_type=Path), help="Only images under this folder.")
+@click.option(
+    "--neighbors",
+    default=16,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Approximate indexes: neighbours each image asks for.",
+)
+@click.option("--csv", "as_csv", is_flag=True, help="One line per image: group,id,path.")
+@json_option
+@user_errors
+def duplicates(
+    index_path: Path | None,
+    threshold: float | None,
+    metric: str,
+    under: Path | None,
+    neighbors: int,
+    as_csv: bool,
+    as_json: bool,
+) -> None:
+    """Find groups of near-identical images in the index (resized, recompressed, lightly
+    cropped copies), with the distances inside each group."""
+    if threshold is None:
+        threshold = DUPLICATE_THRESHOLDS[metric]
+    with _open_index(index_path) as index:
+        groups = index.duplicates(threshold, metric, under=under, neighbors=neighbors)
+    if as_json:
+        print_json(
+            {
+                "metric": metric,
+                "threshold": threshold,
+                "groups": [g.as_dict() for g in groups],
+            }
+        )
+        return
+    if as_csv:
+        import csv
+
+        writer = csv.writer(sys.stdout)
+        writer.writerow(["group", "id", "path"])
+        for number, group in enumerate(groups, start=1):
+            for image_id, path in zip(group.ids, group.paths, strict=True):
+                writer.writerow([number, image_id, path])
+        return
+    kind = "distance" if metric == "l2" else "similarity"
+    comparison = "<=" if metric == "l2" else ">="
+    images = sum(len(g.ids) for g in groups)
+    click.echo(f"{len(groups)} groups, {images} images ({kind} {comparison} {threshold:g})")
+    for number, group in enumerate(groups, start=1):
+        click.echo(f"\nGroup {number}: {len(group.ids)} images")
+        for image_id, path in zip(group.ids, group.paths, strict=True):
+            click.echo(f"  {image_id:>6}  {display_path(path)}")
+        for a, b, value in group.pairs[:50]:
+            click.echo(f"    {a} ~ {b}: {value:.4f}")
+        if len(group.pairs) > 50:
+            click.echo(f"    ... and {len(group.pairs) - 50} more pairs (--json lists all)")
+
+
+# What the thresholds mean is measured by benchmarks/duplicates.py and shown in the README.
+DUPLICATE_THRESHOLDS = {"l2": 4.0, "cosine": 0.97}
+
+
+@cli.command()
+@index_option
+@click.option("--queries", default=200, show_default=True, type=click.IntRange(1))
+@click.option("-k", "k", default=10, show_default=True, type=click.IntRange(1))
+@json_option
+@user_errors
+def tune(index_path: Path | None, queries: int, k: int, as_json: bool) -> None:
+    """Measure recall@K and latency of the index against exact search, for a range of
+    query-time settings, on a sample of the indexed images."""
+    from imgindex.evaluate import tune as measure
+
+    with _open_index(index_path) as index:
+        rows = measure(index, queries=queries, k=k)
+        described = index.info()["index_type"]
+    if as_json:
+        print_json({"index_type": described, "k": k, "rows": [r.as_dict() for r in rows]})
+        return
+    click.echo(f"{described}: recall@{k} against exact search, {queries} sample queries")
+    click.echo(f"{'setting':<16}{'recall':>8}{'p50 ms':>9}{'p99 ms':>9}{'batch q/s':>11}")
+    for row in rows:
+        click.echo(
+            f"{row.setting:<16}{row.recall:>8.3f}{row.p50_ms:>9.2f}{row.p99_ms:>9.2f}"
+            f"{row.batch_qps:>11.1f}"
+        )
 
 
 @cli.command()

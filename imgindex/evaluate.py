@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -71,3 +72,111 @@ def score_rankings(
         recall_at={k: float(np.mean(v)) if n else 0.0 for k, v in recalls.items()},
         precision_at={k: float(np.mean(v)) if n else 0.0 for k, v in precisions.items()},
     )
+
+
+# ------------------------------------------------------------------------------------------------
+# Approximate search against exact search, on the user's own index
+
+
+@dataclass(frozen=True)
+class TuneRow:
+    """One query-time setting of an index, measured on sample queries."""
+
+    setting: str  # e.g. "nprobe=16", "ef_search=128", "exact"
+    params: dict[str, int]
+    recall: float  # recall@k against an exact search of the stored vectors
+    p50_ms: float  # single-query latency, end to end (search + exact re-scoring + rows)
+    p99_ms: float
+    batch_qps: float  # queries per second when all are searched in one call
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "setting": self.setting,
+            **self.params,
+            "recall": self.recall,
+            "p50_ms": self.p50_ms,
+            "p99_ms": self.p99_ms,
+            "batch_qps": self.batch_qps,
+        }
+
+
+def tune(index: Any, queries: int = 200, k: int = 10, seed: int = 0) -> list[TuneRow]:
+    """Recall@k and latency of ``index`` (an :class:`imgindex.Index`) for a range of nprobe /
+    ef_search values, against exact search over the stored vectors. Query vectors are stored
+    vectors of a random sample of the indexed images (each finds itself too, in both searches)."""
+    import time
+
+    store = index._store
+    store.refresh()
+    vector_index = store.vector_index
+    spec = vector_index.spec
+    metric = "l2" if spec.metric in ("both", "l2") else "cosine"
+    live = vector_index.ids()
+    if not len(live):
+        return []
+    rng = np.random.default_rng(seed)
+    sample = np.sort(rng.choice(live, size=min(queries, len(live)), replace=False))
+    q = store.vectors(sample.tolist())
+    truth = exact_neighbors(store, live, q, k, metric)
+
+    if spec.exact:
+        settings: list[dict[str, int]] = [{}]
+    elif spec.kind == "hnsw" or "HNSW" in spec.factory_string():
+        settings = [{"ef_search": ef} for ef in (16, 32, 64, 128, 256, 512)]
+    else:
+        nlist = int(spec.params.get("nlist", 0)) or _nlist_of(vector_index)
+        settings = [{"nprobe": p} for p in (1, 2, 4, 8, 16, 32, 64, 128, 256) if p <= nlist]
+    rows = []
+    for params in settings:
+        latencies = []
+        found = []
+        for vector in q:
+            started = time.perf_counter()
+            hits = index.search_by_vector(vector, k=k, metric=metric, **params)
+            latencies.append(time.perf_counter() - started)
+            found.append({h.id for h in hits})
+        started = time.perf_counter()
+        index.search_by_vector(q, k=k, metric=metric, **params)
+        batch_seconds = time.perf_counter() - started
+        recall = float(np.mean([len(f & t) / k for f, t in zip(found, truth, strict=True)]))
+        name = ", ".join(f"{key}={value}" for key, value in params.items()) or "exact"
+        rows.append(
+            TuneRow(
+                setting=name,
+                params=params,
+                recall=recall,
+                p50_ms=float(np.percentile(latencies, 50) * 1e3),
+                p99_ms=float(np.percentile(latencies, 99) * 1e3),
+                batch_qps=len(q) / batch_seconds,
+            )
+        )
+    return rows
+
+
+def exact_neighbors(
+    store: Any, ids: np.ndarray, queries: np.ndarray, k: int, metric: str
+) -> list[set[int]]:
+    """The ids of the exact ``k`` nearest stored vectors for each query (streamed from SQLite in
+    chunks, so any index kind can be checked)."""
+    from imgindex.ann import _BestK
+
+    q64 = queries.astype(np.float64)
+    if metric == "cosine":
+        q64 = q64 / np.linalg.norm(q64, axis=1, keepdims=True)
+    best = _BestK(len(queries), k)
+    for start in range(0, len(ids), 20_000):
+        part = ids[start : start + 20_000]
+        v = store.vectors(part.tolist()).astype(np.float64)
+        if metric == "l2":
+            scores = (v * v).sum(1)[None, :] - 2 * q64 @ v.T
+        else:
+            scores = -(q64 @ (v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-30)).T)
+        best.offer(scores.astype(np.float32), part)
+    return [set(row.tolist()) for row in best.result()]
+
+
+def _nlist_of(vector_index: Any) -> int:
+    from imgindex.ann import _ivf_of
+
+    ivf = _ivf_of(vector_index.base)
+    return int(ivf.nlist) if ivf is not None else 1

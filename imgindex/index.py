@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from imgindex import ann, ingest
+from imgindex.duplicates import DuplicateGroup, exact_pairs, group_pairs, neighbor_pairs
 from imgindex.errors import IncompatibleIndexError, WeightsError
 from imgindex.model import Vectorizer, _split_batch, resolve_weights
 from imgindex.search import Hit, check_metric, rank_exactly
@@ -395,6 +396,42 @@ class Index:
             for row in found
         ]
         return results[0] if single else results
+
+    def duplicates(
+        self,
+        threshold: float,
+        metric: str = "l2",
+        *,
+        under: str | os.PathLike[str] | None = None,
+        neighbors: int = 16,
+    ) -> list[DuplicateGroup]:
+        """Groups of images whose vectors are within ``threshold`` of another member (an L2
+        distance, or a cosine similarity of at least ``threshold``); see
+        :mod:`imgindex.duplicates`. Exact on a flat index; through each image's ``neighbors``
+        nearest on an approximate one."""
+        check_metric(metric)
+        store = self._store
+        store.refresh()
+        index = store.vector_index
+        ids = index.ids()
+        if under is not None:
+            ids = np.intersect1d(ids, store.ids_under(under))
+        if index.spec.exact:
+            pairs = exact_pairs(ids, store.stored_vectors(ids), threshold, metric)
+        else:
+            members = set(ids.tolist())
+            pairs = (
+                p
+                for p in neighbor_pairs(
+                    index, ids, store.stored_vectors, threshold, metric, neighbors
+                )
+                if p[0] in members and p[1] in members
+            )
+        groups = group_pairs(pairs)
+        records = store.get_many({i for g in groups for i in g.ids})
+        for group in groups:
+            group.paths = [records[i].path for i in group.ids]
+        return groups
 
     # -- describing -------------------------------------------------------------------------
 

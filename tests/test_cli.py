@@ -284,3 +284,67 @@ def test_full_disk_is_one_line_and_keeps_committed_batches(run, tmp_path, photos
     info = json.loads(run("info", "--index", index, "--json").stdout)
     assert info["images"] > 0  # the batches committed before the failure are there
     assert json.loads(run("build", photos, "--index", index, "--json").stdout)["total"] == 36
+
+
+def test_index_types_similar_duplicates_and_tune(run, tmp_path, photos):
+    from PIL import Image
+
+    original = photos / "bonsai" / "image_0002.jpg"
+    Image.open(original).save(photos / "bonsai" / "copy.png")  # lossless copy: distance 0
+    index = tmp_path / "idx"
+    run("build", photos, "--index", index, "--index-type", "hnsw:M=16")
+    info = json.loads(run("info", "--index", index, "--json").stdout)
+    assert info["index"] == {
+        "kind": "hnsw",
+        "metric": "l2",
+        "params": {"M": 16, "ef_construction": 80},
+    }
+    assert "HNSW (M=16" in run("info", "--index", index).stdout
+
+    result = json.loads(
+        run("query", original, "--index", index, "--json", "--ef-search", "32", "-k", "3").stdout
+    )
+    assert result[0]["results"][0]["distance"] == 0.0
+    wrong = run("query", original, "--index", index, "--metric", "cosine", ok=False)
+    assert wrong.exit_code == 1 and "answers l2 queries only" in wrong.stderr
+    both = run(
+        "query", original, "--index", index, "--max-distance", "1", "--metric", "cosine", ok=False
+    )
+    assert both.exit_code == 2 and "--max-distance goes with --metric l2" in both.stderr
+
+    by_path = json.loads(run("similar", original, "--index", index, "--json", "-k", "2").stdout)
+    first = by_path[0]["results"][0]
+    assert first["path"].endswith("copy.png") and first["distance"] == 0.0
+    image_id = json.loads(run("info", "--index", index, "--json").stdout)["images"]
+    by_id = json.loads(
+        run("similar", str(first["id"]), "--index", index, "--json", "-k", "1").stdout
+    )
+    assert by_id[0]["results"][0]["path"] == str(original)
+    missing = run("similar", "999999", "--index", index, ok=False)
+    assert missing.exit_code == 1 and "not in the index" in missing.stderr
+    assert image_id == 37
+
+    dupes = json.loads(run("duplicates", "--index", index, "--json", "--threshold", "0.5").stdout)
+    assert [sorted(os.path.basename(i["path"]) for i in g["images"]) for g in dupes["groups"]] == [
+        ["copy.png", "image_0002.jpg"]
+    ]
+    assert dupes["groups"][0]["pairs"][0]["score"] == 0.0
+    csv_lines = run(
+        "duplicates", "--index", index, "--csv", "--threshold", "0.5"
+    ).stdout.splitlines()
+    assert csv_lines[0] == "group,id,path" and len(csv_lines) == 3
+    text = run("duplicates", "--index", index, "--threshold", "0.5").stdout
+    assert text.startswith("1 groups, 2 images (distance <= 0.5)")
+
+    tuned = json.loads(run("tune", "--index", index, "--json", "--queries", "10", "-k", "5").stdout)
+    assert tuned["rows"][0]["setting"] == "ef_search=16" and tuned["rows"][-1]["recall"] == 1.0
+    assert (
+        "recall@5 against exact search"
+        in run("tune", "--index", index, "--queries", "5", "-k", "5").stdout
+    )
+
+    bad = run("build", photos, "--index", index, "--index-type", "annoy", ok=False)
+    assert bad.exit_code == 2 and "unknown index type 'annoy'" in bad.stderr
+    back = run("build", photos, "--index", index, "--index-type", "flat")
+    assert "Nothing to embed" in back.stdout
+    assert json.loads(run("info", "--index", index, "--json").stdout)["index"]["kind"] == "flat"

@@ -1,0 +1,153 @@
+"""Groups of near-identical images: a thresholded self-join of the index's vectors, never an
+N x N matrix in memory.
+
+* On the exact (flat) index the join is exact: blocks of vectors are multiplied against the
+  vectors after them (matrix products, O(N^2 d) work but O(N) memory plus the pairs found).
+* On an approximate index each vector asks the index for its nearest neighbours (``neighbors``,
+  16 by default), which scales to millions of images but can miss a pair that is not among a
+  vector's nearest neighbours (a group of more than 16 copies, say).
+
+Every pair is re-checked in float64 against the threshold, and pairs are joined into groups by
+union-find (connected components): A~B and B~C put A, B and C in one group even if A and C are
+further apart than the threshold, and the pairs listed with each group say exactly which
+distances were under it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from imgindex.ann import VectorIndex
+from imgindex.search import check_metric, score
+
+
+@dataclass
+class DuplicateGroup:
+    """Images whose vectors are within the threshold of another member."""
+
+    ids: list[int]
+    pairs: list[tuple[int, int, float]] = field(default_factory=list)  # (id, id, score)
+    paths: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "size": len(self.ids),
+            "images": [{"id": i, "path": p} for i, p in zip(self.ids, self.paths, strict=True)],
+            "pairs": [{"a": a, "b": b, "score": s} for a, b, s in self.pairs],
+        }
+
+
+def within(scores: np.ndarray, threshold: float, metric: str) -> np.ndarray:
+    return scores <= threshold if metric == "l2" else scores >= threshold
+
+
+def exact_pairs(
+    ids: np.ndarray, vectors: np.ndarray, threshold: float, metric: str, block: int = 2048
+) -> Iterator[tuple[int, int, float]]:
+    """Every pair (a, b, score) with a < b (by position) within ``threshold``: blockwise upper
+    triangle of the similarity matrix, each block re-checked in float64."""
+    check_metric(metric)
+    v = np.ascontiguousarray(vectors, dtype=np.float32)
+    norms = np.einsum("ij,ij->i", v, v)
+    if metric == "cosine":
+        v = v / np.sqrt(np.maximum(norms, 1e-30))[:, None]
+    n = len(v)
+    # float32 rounding can move a score by ~1e-4 relative; take a margin and re-check exactly.
+    loose = threshold * 1.001 + 1e-3 if metric == "l2" else threshold - 1e-3
+    for lo in range(0, n, block):
+        hi = min(n, lo + block)
+        for start in range(lo, n, block):
+            stop = min(n, start + block)
+            dots = v[lo:hi] @ v[start:stop].T
+            if metric == "l2":
+                cand = norms[lo:hi, None] + norms[None, start:stop] - 2 * dots <= loose * loose
+            else:
+                cand = dots >= loose
+            rows, cols = np.nonzero(cand)
+            rows, cols = rows + lo, cols + start
+            upper = rows < cols
+            rows, cols = rows[upper], cols[upper]
+            if not len(rows):
+                continue
+            exact = _pair_scores(vectors, rows, cols, metric)
+            keep = within(exact, threshold, metric)
+            for r, c, s in zip(rows[keep], cols[keep], exact[keep], strict=True):
+                yield int(ids[r]), int(ids[c]), float(s)
+
+
+def neighbor_pairs(
+    index: VectorIndex,
+    ids: np.ndarray,
+    vectors_of: Callable[[np.ndarray], np.ndarray],
+    threshold: float,
+    metric: str,
+    neighbors: int = 16,
+    batch: int = 1024,
+) -> Iterator[tuple[int, int, float]]:
+    """Pairs within ``threshold`` among each vector's ``neighbors`` nearest, found through an
+    approximate index, each re-checked exactly."""
+    check_metric(metric)
+    seen: set[tuple[int, int]] = set()
+    for start in range(0, len(ids), batch):
+        part = ids[start : start + batch]
+        queries = vectors_of(part)
+        found = index.search(queries, neighbors + 1, metric)
+        for qid, query, cands in zip(part, queries, found, strict=True):
+            cands = cands[cands != qid]
+            if not len(cands):
+                continue
+            exact = np.atleast_1d(score(query, vectors_of(cands), metric))
+            for other, s in zip(
+                cands[within(exact, threshold, metric)],
+                exact[within(exact, threshold, metric)],
+                strict=True,
+            ):
+                key = (min(int(qid), int(other)), max(int(qid), int(other)))
+                if key not in seen:
+                    seen.add(key)
+                    yield key[0], key[1], float(s)
+
+
+def group_pairs(pairs: Iterator[tuple[int, int, float]]) -> list[DuplicateGroup]:
+    """Connected components of the pairs, largest first (then by smallest id)."""
+    parent: dict[int, int] = {}
+
+    def root(x: int) -> int:
+        parent.setdefault(x, x)
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    edges = []
+    for a, b, s in pairs:
+        edges.append((a, b, s))
+        ra, rb = root(a), root(b)
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+    groups: dict[int, DuplicateGroup] = {}
+    for member in parent:
+        groups.setdefault(root(member), DuplicateGroup(ids=[])).ids.append(member)
+    for a, b, s in edges:
+        groups[root(a)].pairs.append((a, b, s))
+    out = list(groups.values())
+    for g in out:
+        g.ids.sort()
+        g.pairs.sort(key=lambda p: (p[0], p[1]))
+    out.sort(key=lambda g: (-len(g.ids), g.ids[0]))
+    return out
+
+
+def _pair_scores(
+    vectors: np.ndarray, rows: np.ndarray, cols: np.ndarray, metric: str
+) -> np.ndarray:
+    a = vectors[rows].astype(np.float64)
+    b = vectors[cols].astype(np.float64)
+    if metric == "l2":
+        return np.linalg.norm(a - b, axis=1)
+    na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
+    return np.einsum("ij,ij->i", a, b) / np.where(na * nb == 0, 1, na * nb)
