@@ -281,10 +281,22 @@ class VectorIndex:
         ``spec``. With ``mmap`` the vectors stay on disk (read-only) where FAISS allows it."""
         import faiss
 
-        try:
-            flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0
-            base = faiss.read_index(str(path), flags)
-        except Exception:  # missing or unreadable: rebuilt from SQLite
+        # FAISS memory-maps flat codes (flat, HNSW storage) with IO_FLAG_MMAP_IFC and inverted
+        # lists with IO_FLAG_MMAP; each flag fails on the other kind, and plain IO_FLAG_MMAP
+        # reads flat codes into memory (3 GB and 10 s for a million vectors).
+        attempts = [0]
+        if mmap:
+            ifc = faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY
+            ivf = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY
+            attempts = [ifc, ivf] if spec.kind in ("flat", "hnsw") else [ivf, ifc]
+        base = None
+        for flags in attempts:
+            try:
+                base = faiss.read_index(str(path), flags)
+                break
+            except Exception:  # missing, unreadable, or this flag does not fit this kind
+                continue
+        if base is None:
             return None
         if base.d != dim or _base_kind(base) != _base_kind(_new_base(spec, dim)):
             return None

@@ -669,7 +669,7 @@ def _print_hits(
     "--threshold",
     type=float,
     default=None,
-    help="L2 distance at most this (default 4.0), or cosine similarity at least this "
+    help="L2 distance at most this (default 6.0), or cosine similarity at least this "
     "(default 0.97). See the README for what these mean on real photos.",
 )
 @metric_option
@@ -732,7 +732,7 @@ def duplicates(
 
 
 # What the thresholds mean is measured by benchmarks/duplicates.py and shown in the README.
-DUPLICATE_THRESHOLDS = {"l2": 4.0, "cosine": 0.97}
+DUPLICATE_THRESHOLDS = {"l2": 6.0, "cosine": 0.97}
 
 
 @cli.command()

@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import fcntl
-import itertools
 import json
 import os
 import time
@@ -46,8 +45,6 @@ from imgindex.errors import IncompatibleIndexError, IndexLockedError, IndexNotFo
 DB_NAME = "imgindex.db"
 FAISS_NAME = "vectors.faiss"
 LOCK_NAME = "write.lock"
-
-_GENERATIONS = itertools.count()
 
 
 @dataclass(frozen=True)
@@ -157,9 +154,6 @@ class Store:
         self._dirty = False  # vector_index differs from the FAISS file
         self._last_save = time.monotonic()
         self.vector_index = self._load_vector_index()
-        # Changes whenever vector_index changes in memory, so derived indexes know to rebuild;
-        # unique across Store objects, so a reopened store never repeats an old value.
-        self.generation = next(_GENERATIONS)
         self._seen_data_version = self._data_version()
         self._reconcile()
 
@@ -616,7 +610,6 @@ class Store:
             self.vector_index.add(np.asarray(add_ids, dtype=np.int64), add_vectors)
         if len(remove) or len(add_ids):
             self._dirty = True
-            self.generation = next(_GENERATIONS)
 
     def _data_version(self) -> int:
         # Changes when another connection commits to the database (not for our own commits).
@@ -638,7 +631,6 @@ class Store:
     def _rebuild(self, spec: IndexSpec) -> None:
         self.vector_index = self._build_from_sqlite(spec)
         self._dirty = True
-        self.generation = next(_GENERATIONS)
 
     def _build_from_sqlite(self, spec: IndexSpec) -> ann.VectorIndex:
         """``spec`` built (and trained) from the stored vectors of one SQLite snapshot."""
