@@ -412,13 +412,13 @@ class VectorIndex:
         if self._flat_cache is None:
             flat = self._faiss.downcast_index(self.base.index)
             n = flat.ntotal
+            view = np.empty((0, self.dim), np.float32)
             if n:
                 codes = self._faiss.rev_swig_ptr(flat.get_xb(), n * self.dim)
                 view = np.asarray(codes, dtype=np.float32).reshape(n, self.dim)
-                norms = np.einsum("ij,ij->i", view, view)
-            else:
-                view = np.empty((0, self.dim), np.float32)
-                norms = np.empty(0, np.float32)
+            norms = np.empty(n, dtype=np.float32)
+            for lo, block in _aligned_blocks(view):
+                norms[lo : lo + len(block)] = np.einsum("ij,ij->i", block, block)
             ids = self._faiss.vector_to_array(self.base.id_map).astype(np.int64)
             self._flat_cache = (view, norms, ids)
         return self._flat_cache
@@ -429,10 +429,9 @@ class VectorIndex:
         """Exact scan in blocks: one pass over the vectors per block of queries (a matrix
         product, so bound by memory bandwidth or by BLAS)."""
         view, norms, ids_in_order = self._flat_view()
-        n = len(view)
         keep = None
         if len(self.tombstones) or allowed is not None:
-            keep = np.ones(n, dtype=bool)
+            keep = np.ones(len(view), dtype=bool)
             if len(self.tombstones):
                 keep &= ~np.isin(ids_in_order, self.tombstones)
             if allowed is not None:
@@ -441,9 +440,9 @@ class VectorIndex:
         for start in range(0, len(queries), 256):
             q = queries[start : start + 256]
             best = _BestK(len(q), k)
-            for lo in range(0, n, 65536):
-                hi = min(n, lo + 65536)
-                dots = view[lo:hi] @ q.T  # (rows, queries)
+            for lo, block in _aligned_blocks(view):
+                hi = lo + len(block)
+                dots = block @ q.T  # (rows, queries)
                 if metric == "l2":
                     scores = norms[lo:hi, None] - 2 * dots  # + |q|^2, the same for every row
                 else:
@@ -545,6 +544,24 @@ def default_nprobe(nlist: int) -> int:
     1.0 at 7 ms on 1M AugNet-shaped vectors in benchmarks/scale.py; `imgindex tune` measures
     the user's own index)."""
     return min(nlist, max(16, nlist // 64))
+
+
+def _aligned_blocks(view: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+    """(first row, rows) blocks of ``view`` that BLAS can read at full speed.
+
+    A memory-mapped FAISS file places the vectors at an odd byte offset, and numpy multiplies
+    misaligned floats about five times slower (190 ms instead of 38 ms for 0.9 GB here), so
+    such blocks are first copied into a small aligned buffer that stays in cache.
+    """
+    if view.flags.aligned:
+        for lo in range(0, len(view), 65536):
+            yield lo, view[lo : lo + 65536]
+        return
+    buffer = np.empty((4096, view.shape[1]), dtype=np.float32)
+    for lo in range(0, len(view), 4096):
+        block = buffer[: min(4096, len(view) - lo)]
+        np.copyto(block, view[lo : lo + len(block)])
+        yield lo, block
 
 
 class _BestK:

@@ -209,6 +209,8 @@ def cli() -> None:
     imgindex query photo.jpg            the 10 most similar indexed images
     imgindex distance a.jpg b.jpg c.jpg pairwise distances, no index needed
     imgindex info                       what an index holds
+    imgindex similar 42                 images like indexed image 42 (no model loaded)
+    imgindex duplicates                 groups of near-identical images
     imgindex check                      verify an index (repair fixes it)
     """
     # Our own pixel limit (--max-pixels) gives the user the real answer; Pillow's warning
