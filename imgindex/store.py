@@ -296,11 +296,8 @@ class Store:
         return rows.get(image_id)
 
     def get_many(self, ids: Iterable[int]) -> dict[int, ImageRecord]:
-        ids = [int(i) for i in ids]
         out: dict[int, ImageRecord] = {}
-        for start in range(0, len(ids), 500):
-            chunk = ids[start : start + 500]
-            marks = ",".join("?" * len(chunk))
+        for chunk, marks in _id_chunks(list(ids)):
             for row in self.db.execute(
                 f"SELECT {_RECORD_COLUMNS} FROM images WHERE id IN ({marks})", chunk
             ):
@@ -327,9 +324,7 @@ class Store:
         out = np.empty((len(ids), self.dim), dtype=np.float32)
         position = {int(i): n for n, i in enumerate(ids)}
         found = 0
-        for start in range(0, len(ids), 500):
-            chunk = [int(i) for i in ids[start : start + 500]]
-            marks = ",".join("?" * len(chunk))
+        for chunk, marks in _id_chunks(ids):
             for image_id, blob in self.db.execute(
                 f"SELECT id, vector FROM vectors WHERE id IN ({marks})", chunk
             ):
@@ -342,9 +337,7 @@ class Store:
 
     def _stored_ids(self, ids: list[int]) -> list[int]:
         out = []
-        for start in range(0, len(ids), 500):
-            chunk = ids[start : start + 500]
-            marks = ",".join("?" * len(chunk))
+        for chunk, marks in _id_chunks(ids):
             out += [
                 r[0]
                 for r in self.db.execute(f"SELECT id FROM vectors WHERE id IN ({marks})", chunk)
@@ -490,12 +483,9 @@ class Store:
     def remove(self, ids: Iterable[int]) -> int:
         """Remove the images ``ids`` (rows and vectors) in one transaction; returns how many."""
         self._require_writable()
-        ids = [int(i) for i in ids]
         removed: list[int] = []
         with self.db.atomic():
-            for start in range(0, len(ids), 500):
-                chunk = ids[start : start + 500]
-                marks = ",".join("?" * len(chunk))
+            for chunk, marks in _id_chunks(list(ids)):
                 removed += [
                     r[0]
                     for r in self.db.execute(f"SELECT id FROM images WHERE id IN ({marks})", chunk)
@@ -803,6 +793,14 @@ class Store:
 
 
 _RECORD_COLUMNS = "id, path, sha256, size, mtime, width, height, added_at"
+
+
+def _id_chunks(ids: Sequence[int], size: int = 500) -> Iterator[tuple[list[int], str]]:
+    """``ids`` in chunks small enough for one ``IN (?, ?, ...)`` (SQLite limits parameters),
+    each with its placeholders."""
+    for start in range(0, len(ids), size):
+        chunk = [int(i) for i in ids[start : start + size]]
+        yield chunk, ",".join("?" * len(chunk))
 
 
 def _connect(path: Path) -> Any:

@@ -93,3 +93,18 @@ def random_image(path: Path, size: tuple[int, int] = (64, 48), seed: int = 0, **
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(pixels).save(path, **save)
     return path
+
+
+def refuse_listing(monkeypatch, folder_name: str) -> None:
+    """Make listing any folder called ``folder_name`` fail as it would without permission
+    (chmod 000 does not stop root, which CI may run as)."""
+    import os
+
+    real_scandir = os.scandir
+
+    def scandir(path):
+        if Path(path).name == folder_name:
+            raise PermissionError(13, "Permission denied")
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)

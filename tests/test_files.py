@@ -5,6 +5,8 @@ import pytest
 
 from imgindex.files import is_image_name, walk_images
 
+from .conftest import refuse_listing
+
 
 def touch(path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -51,15 +53,7 @@ def test_symlink_loop_is_reported_not_followed(tmp_path):
 def test_unreadable_folder_is_reported(tmp_path, monkeypatch):
     touch(tmp_path / "locked" / "x.png")
     touch(tmp_path / "open" / "y.png")
-    real_scandir = os.scandir
-
-    def scandir(path):
-        if Path(path).name == "locked":
-            raise PermissionError(13, "Permission denied")
-        return real_scandir(path)
-
-    # chmod 000 does not stop root (which CI may run as), so refuse the way the kernel would.
-    monkeypatch.setattr(os, "scandir", scandir)
+    refuse_listing(monkeypatch, "locked")
     errors = []
     found = list(walk_images([tmp_path], on_error=lambda p, r: errors.append((p, r))))
     assert found == [tmp_path / "open" / "y.png"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import pytest
 import imgindex
 import imgindex.ingest
 
-from .conftest import random_image
+from .conftest import random_image, refuse_listing
 
 
 @pytest.fixture
@@ -90,14 +89,7 @@ def test_only_files_under_the_given_folders_are_removed(index, tmp_path, folder)
 def test_unlistable_folder_does_not_lose_its_entries(index, folder, monkeypatch):
     random_image(folder / "locked" / "a.png")
     index.sync(folder)
-    real_scandir = os.scandir
-
-    def scandir(path):
-        if Path(path).name == "locked":
-            raise PermissionError(13, "Permission denied")
-        return real_scandir(path)
-
-    monkeypatch.setattr(os, "scandir", scandir)
+    refuse_listing(monkeypatch, "locked")
     report = index.sync(folder)
     assert report.removed == 0 and index.find(folder / "locked" / "a.png") is not None
     assert [s.reason for s in report.skipped] == ["cannot list folder (Permission denied)"]
