@@ -569,9 +569,9 @@ class Store:
         build the kind asked for if the collection has become large enough to train it, and
         rebuild an HNSW index that carries many deleted vectors."""
         self._require_writable()
-        target, _ = ann.plan(self.requested_spec, self.count(), self.dim)
         built = self.vector_index.spec
-        if (target.kind, target.metric) != (built.kind, built.metric):
+        target = self._target_spec()
+        if not _satisfies(built, target, self.requested_spec):
             self._rebuild(target)
         elif self.vector_index.tombstone_fraction > 0.1:
             self._rebuild(built)
@@ -617,6 +617,14 @@ class Store:
         if spec.min_training_vectors() or spec.kind in ("ivf-flat", "ivf-pq", "factory"):
             return self._build_from_sqlite(spec)
         return ann.VectorIndex.empty(spec, self.dim)  # reconcile fills it
+
+    def _target_spec(self) -> IndexSpec:
+        """The index kind to have now. Once auto has left the flat index, it keeps the kind it
+        chose (free memory varies; the index should not flip between kinds at every save)."""
+        requested, built = self.requested_spec, self.vector_index.spec
+        if requested is None and built.kind != "flat":
+            return built
+        return ann.plan(requested, self.count(), self.dim)[0]
 
     def _rebuild(self, spec: IndexSpec) -> None:
         self.vector_index = self._build_from_sqlite(spec)
@@ -779,8 +787,7 @@ class Store:
         for leftover in self._temporary_files():
             leftover.unlink()
             temporary += 1
-        target, _ = ann.plan(self.requested_spec, self.count(), self.dim)
-        self._rebuild(target)
+        self._rebuild(self._target_spec())
         self.save_vector_index(force=True)
         return {
             "orphan_vectors_removed": orphans,
@@ -793,6 +800,17 @@ class Store:
 
 
 _RECORD_COLUMNS = "id, path, sha256, size, mtime, width, height, added_at"
+
+
+def _satisfies(built: IndexSpec, target: IndexSpec, requested: IndexSpec | None) -> bool:
+    """Whether the built index is the target: same kind and metric and, when the target is the
+    kind the user asked for, the parameters they gave. Parameters filled in for the collection's
+    size (nlist) do not force a rebuild as the collection grows."""
+    if (built.kind, built.metric) != (target.kind, target.metric):
+        return False
+    if requested is None or requested.kind != target.kind:
+        return True
+    return all(built.params.get(key) == value for key, value in requested.params.items())
 
 
 def _id_chunks(ids: Sequence[int], size: int = 500) -> Iterator[tuple[list[int], str]]:

@@ -251,3 +251,24 @@ def test_memory_estimates(tmp_path):
         assert 3072 <= flat.info()["vector_index_bytes_in_memory"] / 1500 <= 3200
     with make_index(tmp_path / "p", vectors, "factory:IVF16,PQ32x4") as pq:
         assert pq.info()["vector_index_bytes_in_memory"] / 1500 < 200
+
+
+def test_changing_parameters_rebuilds_and_growth_does_not(tmp_path):
+    vectors = augnet_like(1500)
+    with make_index(tmp_path, vectors[:1000], "hnsw:M=16") as index:
+        store = index._store
+        assert store.vector_index.spec.params["M"] == 16
+        store.lock()
+        index.set_index_type("hnsw:M=24")
+        store.save_vector_index()
+        assert store.vector_index.spec.params["M"] == 24  # a new parameter: rebuilt
+        index.set_index_type("ivf-flat")  # nlist planned for the size
+        store.save_vector_index()
+        nlist = store.vector_index.spec.params["nlist"]
+        before = store.vector_index
+        extra = [NewImage(Path(f"/z/{i}.png"), f"z{i:063x}", 1, 0.0, 1, 1) for i in range(500)]
+        store.write_batch(extra, vectors[1000:])
+        store.save_vector_index()
+        assert store.vector_index is before  # more vectors: added, not rebuilt
+        assert store.vector_index.spec.params["nlist"] == nlist and index.count() == 1500
+        store.unlock()
