@@ -212,6 +212,8 @@ def cli() -> None:
     imgindex similar 42                 images like indexed image 42 (no model loaded)
     imgindex duplicates                 groups of near-identical images
     imgindex check                      verify an index (repair fixes it)
+    imgindex eval labelled/             retrieval quality (mAP, recall@k) on labelled images
+    imgindex train ~/Pictures --out m.pth   fine-tune AugNet on a collection, no labels needed
     """
     # Our own pixel limit (--max-pixels) gives the user the real answer; Pillow's warning
     # about the same images would only be noise on the terminal.
@@ -735,6 +737,169 @@ def duplicates(
 
 # What the thresholds mean is measured by benchmarks/duplicates.py and shown in the README.
 DUPLICATE_THRESHOLDS = {"l2": 6.0, "cosine": 0.97}
+
+
+def _parse_ks(ctx: click.Context, param: click.Parameter, text: str) -> tuple[int, ...]:
+    try:
+        ks = tuple(sorted({int(part) for part in text.split(",") if part.strip()}))
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a list of numbers like 1,5,10") from None
+    if not ks or ks[0] < 1:
+        raise click.BadParameter("give positive numbers, like 1,5,10")
+    return ks
+
+
+@cli.command(name="eval")
+@click.argument("folders", nargs=-1, type=click.Path(path_type=Path))
+@click.option(
+    "--index",
+    "index_path",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Evaluate this existing index. Default: embed FOLDERS (or the CSV's files) into a "
+    "temporary index.",
+)
+@click.option(
+    "--labels",
+    "labels_csv",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="CSV file with a header naming path and label columns (relative paths are relative to "
+    "the CSV). Default: each image's label is its folder under FOLDERS.",
+)
+@click.option(
+    "--group-column",
+    default="group",
+    show_default=True,
+    help="CSV column of ignore groups (e.g. the camera): images with the query's label and "
+    "group are left out of its results, as in person re-identification.",
+)
+@click.option(
+    "--metric",
+    "metrics",
+    type=click.Choice(["l2", "cosine"]),
+    multiple=True,
+    help="Metric(s) to rank by. Default: every metric the index serves.",
+)
+@click.option(
+    "--at",
+    "ks",
+    default="1,5,10",
+    show_default=True,
+    callback=_parse_ks,
+    help="The k of recall@k and precision@k.",
+)
+@click.option(
+    "--depth",
+    type=click.IntRange(1),
+    help="Rank this many results per query (mAP counts relevant images beyond it as missed). "
+    "Default: all images, up to 20,000 images; then 1,000.",
+)
+@model_options
+@preset_option
+@click.option("--batch-size", default=None, type=click.IntRange(1), help="Images per pass.")
+@click.option("--progress/--no-progress", default=True, help="Progress on a terminal.")
+@json_option
+@user_errors
+def evaluate(
+    folders: tuple[Path, ...],
+    index_path: Path | None,
+    labels_csv: Path | None,
+    group_column: str,
+    metrics: tuple[str, ...],
+    ks: tuple[int, ...],
+    depth: int | None,
+    weights: Path | None,
+    device: str,
+    precision: str,
+    preset: str | None,
+    batch_size: int | None,
+    progress: bool,
+    as_json: bool,
+) -> None:
+    """Measure retrieval quality on labelled images: mAP, recall@k and precision@k.
+
+    Each labelled image is a query; the others are ranked by the index's search, and those
+    with the same label are the right answers. Labels are folder names under FOLDERS, or come
+    from --labels CSV. Without --index, the images are embedded into a temporary index first
+    (with --weights and --preset), so checkpoints and presets can be compared.
+    """
+    import dataclasses
+    import tempfile
+
+    from imgindex.evaluate import evaluate_index, labels_from_csv, labels_from_folders
+    from imgindex.index import Index
+
+    for folder in folders:
+        if not os.path.lexists(folder):
+            raise click.BadParameter(f"{folder}: no such file or folder", param_hint="FOLDERS")
+    if not folders and labels_csv is None and index_path is None:
+        raise click.UsageError("give FOLDERS of labelled images, --labels CSV, or --index")
+    csv_labels = labels_from_csv(labels_csv, group_column) if labels_csv else None
+    model_args = {"weights": weights, "device": device, "precision": precision}
+
+    def run(index: Any, skipped: int) -> None:
+        if csv_labels is not None:
+            labels = csv_labels
+            if folders:
+                roots = [os.path.abspath(f) for f in folders]
+                keep = {
+                    p: v
+                    for p, v in labels.label.items()
+                    if any(p == r or p.startswith(r.rstrip(os.sep) + os.sep) for r in roots)
+                }
+                labels = dataclasses.replace(labels, label=keep)
+        else:
+            paths = [r.path for r in index.records()]
+            if folders:
+                roots = [os.path.abspath(f).rstrip(os.sep) for f in folders]
+                paths = [p for p in paths if any(p.startswith(r + os.sep) for r in roots)]
+            labels = labels_from_folders(paths, folders)
+        result = evaluate_index(index, labels, metrics or None, ks, depth)
+        if as_json:
+            print_json({"index": index_path and str(index_path), "labels_from": labels.source,
+                        "skipped_files": skipped, **result.as_dict()})  # fmt: skip
+            return
+        source = "folders" if labels.source == "folders" else display_path(labels.source)
+        groups = ", ignore groups from the CSV" if labels.group else ""
+        click.echo(
+            f"Evaluated {result.images} images with {result.labels} labels (labels from "
+            f"{source}{groups}); each image a query, {result.depth} results ranked."
+        )
+        if result.not_indexed:
+            click.echo(f"{result.not_indexed} labelled images are not in the index: left out.")
+        if skipped:
+            click.echo(f"{skipped} files could not be read and were skipped.")
+        header = f"{'metric':<8}{'queries':>8}{'mAP':>8}"
+        header += "".join(f"{'R@' + str(k):>8}" for k in ks)
+        header += "".join(f"{'P@' + str(k):>8}" for k in ks)
+        click.echo(header)
+        for metric, s in result.scores.items():
+            line = f"{metric:<8}{s.queries:>8}{s.mean_average_precision:>8.4f}"
+            line += "".join(f"{s.recall_at[k]:>8.4f}" for k in ks)
+            line += "".join(f"{s.precision_at[k]:>8.4f}" for k in ks)
+            click.echo(line)
+
+    if index_path is not None:
+        with _open_index(index_path, **model_args) as index:
+            run(index, 0)
+        return
+    # Files the CSV names but that do not exist are reported as "not in the index".
+    sources = list(folders) or [
+        Path(p)
+        for p in sorted(csv_labels.label)  # type: ignore[union-attr]
+        if os.path.lexists(p)
+    ]
+    with (
+        tempfile.TemporaryDirectory(prefix="imgindex-eval-") as scratch,
+        Index.create(
+            Path(scratch) / "index", preset=preset, batch_size=batch_size, **model_args
+        ) as index,
+    ):
+        bar = ProgressLine(progress and not as_json)
+        try:
+            report = index.sync(sources, progress=bar, remove_missing=False)
+        finally:
+            bar.finish()
+        run(index, len(report.skipped))
 
 
 @cli.command()

@@ -1,23 +1,38 @@
 """Retrieval-quality metrics for labelled collections: mAP, recall@k, precision@k.
 
-Each image in turn is the query; every other image is ranked by the index; an image is relevant
-to the query when it has the same label (for example, the same folder). Definitions follow the
-usual image-retrieval conventions (as in the deep-metric-learning literature, e.g. Musgrave et
-al., "A Metric Learning Reality Check", ECCV 2020):
+Each image in turn is the query; every other image is ranked; an image is relevant to the query
+when it has the same label (for example, the same folder). Definitions follow the usual
+image-retrieval conventions (as in the deep-metric-learning literature, e.g. Musgrave et al.,
+"A Metric Learning Reality Check", ECCV 2020):
 
 * average precision (AP): the mean, over the relevant images, of the precision at the rank where
-  each appears; mAP is its mean over queries that have at least one relevant image.
+  each appears; mAP is its mean over queries that have at least one relevant image. A relevant
+  image beyond the ranked depth counts as never found.
 * recall@k: the fraction of those queries with at least one relevant image in the top k.
 * precision@k: the fraction of the top k that is relevant, averaged over those queries.
+
+Re-identification data adds *groups* (cameras): an image with the query's label and the query's
+group is neither relevant nor irrelevant but left out of the ranking, as in the Market-1501
+protocol (Zheng et al., ICCV 2015), so that a person is found again only across cameras.
+
+Labels come from folder names or from a CSV file (``labels_for``); rankings come from exact
+search over vectors (``exact_rankings``) or from an index's own search (the ``eval`` command).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import csv
+import os
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from imgindex.errors import ImgIndexError
+
+DEFAULT_KS = (1, 5, 10)
 
 
 def average_precision(
@@ -71,6 +86,251 @@ def score_rankings(
         mean_average_precision=float(np.mean(aps)) if n else 0.0,
         recall_at={k: float(np.mean(v)) if n else 0.0 for k, v in recalls.items()},
         precision_at={k: float(np.mean(v)) if n else 0.0 for k, v in precisions.items()},
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# Labels
+
+
+@dataclass(frozen=True)
+class Labels:
+    """Labels (and optional groups) of images, keyed by absolute path."""
+
+    label: dict[str, str]
+    group: dict[str, str]
+    source: str  # "folders" or the CSV file's path
+
+    def __len__(self) -> int:
+        return len(self.label)
+
+
+def labels_from_folders(paths: Iterable[str], roots: Sequence[str | os.PathLike[str]]) -> Labels:
+    """Each image's label is its folder relative to the root it lies under (``cats/x.jpg`` ->
+    ``cats``; ``animals/cats/x.jpg`` -> ``animals/cats``); without roots, its folder's name.
+    Images directly in a root take the root's own name."""
+    resolved = [os.path.abspath(os.fsdecode(r)).rstrip(os.sep) for r in roots]
+    out = {}
+    for path in paths:
+        folder = os.path.dirname(path)
+        root = next((r for r in resolved if folder == r or folder.startswith(r + os.sep)), None)
+        if root is None:
+            out[path] = os.path.basename(folder)
+        else:
+            rel = os.path.relpath(folder, root)
+            out[path] = os.path.basename(root) if rel == "." else rel.replace(os.sep, "/")
+    return Labels(label=out, group={}, source="folders")
+
+
+def labels_from_csv(csv_path: str | os.PathLike[str], group_column: str = "group") -> Labels:
+    """Labels from a CSV file with a header naming a ``path`` and a ``label`` column (and,
+    optionally, ``group_column``). Relative paths are relative to the CSV file's folder."""
+    csv_path = Path(csv_path)
+    base = csv_path.resolve().parent
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            fields = reader.fieldnames or []
+            missing = [c for c in ("path", "label") if c not in fields]
+            if missing:
+                raise ImgIndexError(
+                    f"{csv_path}: the header must name the columns path and label "
+                    f"(found: {', '.join(fields) or 'no header'})"
+                )
+            label, group = {}, {}
+            for line, row in enumerate(reader, start=2):
+                path, value = (row.get("path") or "").strip(), (row.get("label") or "").strip()
+                if not path or not value:
+                    raise ImgIndexError(f"{csv_path}, line {line}: empty path or label")
+                full = os.path.normpath(os.path.join(base, os.path.expanduser(path)))
+                if full in label and label[full] != value:
+                    raise ImgIndexError(
+                        f"{csv_path}, line {line}: {path} is labelled twice "
+                        f"({label[full]!r} and {value!r})"
+                    )
+                label[full] = value
+                if group_column in fields and (row.get(group_column) or "").strip():
+                    group[full] = row[group_column].strip()
+    except OSError as exc:
+        raise ImgIndexError(f"{csv_path}: cannot read labels ({exc.strerror or exc})") from None
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise ImgIndexError(f"{csv_path}: not a UTF-8 CSV file ({exc})") from None
+    if not label:
+        raise ImgIndexError(f"{csv_path}: no labelled images")
+    return Labels(label=label, group=group, source=str(csv_path))
+
+
+# ------------------------------------------------------------------------------------------------
+# Scoring rankings
+
+
+def _codes(values: Sequence[Any]) -> np.ndarray:
+    """Integer codes for values (equal values, equal codes); None becomes -1."""
+    table: dict[Any, int] = {}
+    return np.array(
+        [-1 if v is None else table.setdefault(v, len(table)) for v in values], dtype=np.int64
+    )
+
+
+def score_ranked(
+    rankings: Iterable[tuple[int, np.ndarray]],
+    labels: Sequence[str],
+    groups: Sequence[str | None] | None = None,
+    ks: Sequence[int] = DEFAULT_KS,
+) -> RetrievalScores:
+    """Scores for ``(query, ranked)`` pairs, both positions in ``labels``; ``ranked`` lists the
+    collection best first, to any depth (the query itself, if present, is ignored). With
+    ``groups``, images of the query's label and group are left out (see the module docstring).
+    """
+    label_codes = _codes(labels)
+    group_codes = _codes(groups) if groups is not None else np.full(len(labels), -1)
+    per_label = np.bincount(label_codes, minlength=int(label_codes.max(initial=-1)) + 1)
+    # How many images share each (label, group): those are left out for a query of that group.
+    pair_counts: dict[tuple[int, int], int] = {}
+    for lab, grp in zip(label_codes.tolist(), group_codes.tolist(), strict=True):
+        if grp >= 0:
+            pair_counts[(lab, grp)] = pair_counts.get((lab, grp), 0) + 1
+    aps, recalls, precisions = [], {k: [] for k in ks}, {k: [] for k in ks}
+    for query, ranked in rankings:
+        lab, grp = label_codes[query], group_codes[query]
+        ranked = np.asarray(ranked, dtype=np.int64)
+        keep = ranked != query
+        if grp >= 0:
+            keep &= ~((label_codes[ranked] == lab) & (group_codes[ranked] == grp))
+            total = int(per_label[lab]) - pair_counts[(lab, grp)]
+        else:
+            total = int(per_label[lab]) - 1
+        if total == 0:
+            continue
+        flags = label_codes[ranked[keep]] == lab
+        aps.append(average_precision(flags, total))
+        for k in ks:
+            recalls[k].append(bool(flags[:k].any()))
+            precisions[k].append(flags[:k].sum() / k)
+    n = len(aps)
+    return RetrievalScores(
+        queries=n,
+        mean_average_precision=float(np.mean(aps)) if n else 0.0,
+        recall_at={k: float(np.mean(v)) if n else 0.0 for k, v in recalls.items()},
+        precision_at={k: float(np.mean(v)) if n else 0.0 for k, v in precisions.items()},
+    )
+
+
+def exact_rankings(
+    vectors: np.ndarray, metric: str = "l2", depth: int | None = None, chunk: int = 256
+) -> Iterator[tuple[int, np.ndarray]]:
+    """``(query, ranked)`` for every row of ``vectors`` against all the others, best first, by
+    exact search in float64 (``depth``: how many to rank, default all)."""
+    v = np.asarray(vectors, dtype=np.float64)
+    if metric == "cosine":
+        v = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-30)
+    elif metric != "l2":
+        raise ValueError(f"unknown metric {metric!r}")
+    n = len(v)
+    depth = n - 1 if depth is None else min(depth, n - 1)
+    squared = (v * v).sum(1)
+    for start in range(0, n, chunk):
+        q = v[start : start + chunk]
+        # Both metrics as "smaller is better"; the query's own row goes last.
+        scores = squared[None, :] - 2 * q @ v.T if metric == "l2" else -(q @ v.T)
+        rows = np.arange(start, start + len(q))
+        scores[rows - start, rows] = np.inf
+        if depth < n - 1:
+            part = np.argpartition(scores, depth, axis=1)[:, :depth]
+            order = np.take_along_axis(scores, part, 1).argsort(1, kind="stable")
+            ranked = np.take_along_axis(part, order, 1)
+        else:
+            ranked = scores.argsort(1, kind="stable")[:, :depth]
+        yield from zip(rows.tolist(), ranked, strict=True)
+
+
+def evaluate_vectors(
+    vectors: np.ndarray,
+    labels: Sequence[str],
+    groups: Sequence[str | None] | None = None,
+    metric: str = "l2",
+    ks: Sequence[int] = DEFAULT_KS,
+    depth: int | None = None,
+) -> RetrievalScores:
+    """Retrieval quality of ``vectors`` (one row per labelled image) by exact search."""
+    return score_ranked(exact_rankings(vectors, metric, depth), labels, groups, ks)
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Retrieval quality of an index on its labelled images, per metric."""
+
+    images: int  # labelled images in the index, each one a query
+    labels: int  # distinct labels among them
+    not_indexed: int  # labelled images the index does not hold
+    depth: int  # how deep each query's results were ranked
+    scores: dict[str, RetrievalScores]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "images": self.images,
+            "labels": self.labels,
+            "not_indexed": self.not_indexed,
+            "depth": self.depth,
+            "metrics": {metric: s.as_dict() for metric, s in self.scores.items()},
+        }
+
+
+# Ranking every image against every other costs N^2; past this many images, rank the top 1,000.
+FULL_DEPTH_LIMIT = 20_000
+
+
+def evaluate_index(
+    index: Any,
+    labels: Labels,
+    metrics: Sequence[str] | None = None,
+    ks: Sequence[int] = DEFAULT_KS,
+    depth: int | None = None,
+    **search_options: Any,
+) -> Evaluation:
+    """Retrieval quality of ``index`` (an :class:`imgindex.Index`) on the images ``labels``
+    names: each labelled image is a query, ranked by the index's own search (so an approximate
+    index type shows what it costs), among the labelled images only. ``metrics`` defaults to
+    those the index serves; ``search_options`` go to ``search_by_vector`` (nprobe, ef_search).
+    """
+    records = [r for r in index.records() if r.path in labels.label]
+    if len(records) < 2:
+        raise ImgIndexError(
+            f"the index holds {len(records)} of the {len(labels)} labelled images; at least two "
+            "are needed (index them first)"
+        )
+    if metrics is None:
+        metrics = index.info()["metrics"]
+    ids = [r.id for r in records]
+    position = {image_id: i for i, image_id in enumerate(ids)}
+    names = [labels.label[r.path] for r in records]
+    groups = [labels.group.get(r.path) for r in records] if labels.group else None
+    n = len(ids)
+    if depth is None:
+        depth = n - 1 if n <= FULL_DEPTH_LIMIT else 1000
+    depth = max(1, min(depth, n - 1))
+    # Other indexed images may come between the labelled ones: ask for enough to skip them.
+    fetch = min(index.count(), depth + 1 + index.count() - n)
+    vectors = index.vectors(ids)
+    scores = {}
+    for metric in metrics:
+
+        def rankings(metric: str = metric) -> Iterator[tuple[int, np.ndarray]]:
+            for start in range(0, n, 64):
+                hits = index.search_by_vector(
+                    vectors[start : start + 64], k=fetch, metric=metric, **search_options
+                )
+                for query, row in enumerate(hits, start=start):
+                    ranked = [position[h.id] for h in row if h.id in position]
+                    yield query, np.array([i for i in ranked if i != query][:depth])
+
+        scores[metric] = score_ranked(rankings(), names, groups, ks)
+    return Evaluation(
+        images=n,
+        labels=len(set(names)),
+        not_indexed=len(labels) - n,
+        depth=depth,
+        scores=scores,
     )
 
 
