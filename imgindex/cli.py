@@ -903,6 +903,242 @@ def evaluate(
 
 
 @cli.command()
+@click.argument("folders", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Checkpoint to write (use it with --weights). With --eval it holds the best weights "
+    "so far; OUT's .last.pth beside it holds the latest, for --resume.",
+)
+@click.option("--minutes", type=click.FloatRange(0, min_open=True), help="Train this long.")
+@click.option("--steps", type=click.IntRange(1), help="Train until this many steps in all.")
+@click.option(
+    "--eval",
+    "eval_dir",
+    type=click.Path(path_type=Path, file_okay=False, exists=True),
+    help="Labelled images (a folder per label) to measure mAP on before training and at every "
+    "checkpoint; the best weights are kept.",
+)
+@click.option(
+    "--eval-labels",
+    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    help="Labels of the --eval images from a CSV (path,label[,group]) instead of folders.",
+)
+@click.option("--resume", is_flag=True, help="Continue from OUT's .last.pth checkpoint.")
+@click.option("--seed", type=int, help="Fix the random choices, for a reproducible run.")
+@click.option(
+    "--arch",
+    type=click.Choice(["resnet50", "resnet34", "resnet18"]),
+    default="resnet50",
+    show_default=True,
+    help="Backbone; the smaller ones are for training from scratch on modest hardware.",
+)
+@click.option(
+    "--init",
+    default="stock",
+    show_default=True,
+    help="Start from: stock (imgsim's weights), scratch, or a checkpoint file.",
+)
+@click.option("--images-per-step", default=48, show_default=True, type=click.IntRange(2))
+@click.option("--views-per-image", default=8, show_default=True, type=click.IntRange(2))
+@click.option("--crop-size", default=224, show_default=True, type=click.IntRange(32))
+@click.option(
+    "--loss",
+    type=click.Choice(["contrastive", "softmax"]),
+    default="contrastive",
+    show_default=True,
+    help="contrastive: views pulled to their image's centre, pushed past a margin from the "
+    "others'. softmax: each view classified among the step's images by cosine similarity.",
+)
+@click.option("--lr", default=2e-4, show_default=True, type=click.FloatRange(0, min_open=True))
+@click.option(
+    "--freeze-bn/--update-bn",
+    default=None,
+    help="Keep batch-norm statistics fixed. Default: frozen when fine-tuning, updated from "
+    "scratch.",
+)
+@click.option(
+    "--device",
+    default="auto",
+    show_default=True,
+    help="auto (a GPU when there is one), cpu, cuda, cuda:N.",
+)
+@click.option(
+    "--precision",
+    type=click.Choice(["auto", "fp32", "bf16"]),
+    default="auto",
+    show_default=True,
+    help="auto: bf16 autocast on a GPU that has it, else fp32.",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(0),
+    help="Processes cutting views. Default: 0 on a CPU, most cores beside a GPU.",
+)
+@click.option(
+    "--checkpoint-minutes",
+    default=2.0,
+    show_default=True,
+    type=click.FloatRange(0, min_open=True),
+    help="Write a checkpoint (and evaluate) this often.",
+)
+@click.option("--checkpoint-every", type=click.IntRange(1), help="... or every this many steps.")
+@click.option("--progress/--no-progress", default=True, help="Progress on a terminal.")
+@json_option
+@user_errors
+def train(
+    folders: tuple[Path, ...],
+    out: Path,
+    minutes: float | None,
+    steps: int | None,
+    eval_dir: Path | None,
+    eval_labels: Path | None,
+    resume: bool,
+    seed: int | None,
+    arch: str,
+    init: str,
+    images_per_step: int,
+    views_per_image: int,
+    crop_size: int,
+    loss: str,
+    lr: float,
+    freeze_bn: bool | None,
+    device: str,
+    precision: str,
+    workers: int | None,
+    checkpoint_minutes: float,
+    checkpoint_every: int | None,
+    progress: bool,
+    as_json: bool,
+) -> None:
+    """Fine-tune AugNet on the images in FOLDERS: no labels needed.
+
+    Each step cuts several augmented views (crops, flips, rotations, colour, blur, noise, JPEG
+    artefacts, dropped patches) from each of a few images and teaches the network to keep views
+    of one image together and apart from the others. Stops after --minutes or --steps (default:
+    10 minutes); Ctrl-C stops early and keeps a checkpoint. Index with the result:
+    `imgindex build FOLDER --weights OUT`.
+    """
+    from imgindex.files import walk_images
+    from imgindex.train import EvalSet, TrainOptions
+    from imgindex.train import train as run_training
+
+    for folder in folders:
+        if not os.path.lexists(folder):
+            raise click.BadParameter(f"{folder}: no such file or folder", param_hint="FOLDERS")
+    if minutes is None and steps is None:
+        minutes = 10.0
+    options = TrainOptions(
+        arch=arch, init=init, images_per_step=images_per_step, views_per_image=views_per_image,
+        crop_size=crop_size, loss=loss, lr=lr, freeze_bn=freeze_bn, seed=seed,
+    )  # fmt: skip
+    images = list(walk_images(list(folders)))
+    say = functools.partial(click.echo, err=True)
+    eval_set = None
+    if eval_dir is not None or eval_labels is not None:
+        eval_set = _eval_set(eval_dir, eval_labels, EvalSet)
+        say(f"Evaluation set: {len(eval_set)} images, {len(set(eval_set.labels))} labels.")
+    say(f"Training on {len(images)} images (no labels used).")
+    line = TrainProgressLine(progress and not as_json)
+
+    def on_eval(result: Any) -> None:
+        line.clear()
+        scores = result.scores
+        say(
+            f"step {result.step}: mAP l2 {scores['l2'].mean_average_precision:.4f}, cosine "
+            f"{scores['cosine'].mean_average_precision:.4f}, recall@10 "
+            f"{scores['l2'].recall_at[10]:.4f}" + ("  (best so far)" if result.best else "")
+        )
+
+    def on_unreadable(path: str, reason: str) -> None:
+        line.clear()
+        say(f"skipped {display_path(path)}: {reason}")
+
+    try:
+        report = run_training(
+            images, out, options, steps=steps, minutes=minutes, eval_set=eval_set,
+            resume=resume, device=device, precision=precision, workers=workers,
+            checkpoint_minutes=checkpoint_minutes, checkpoint_every=checkpoint_every,
+            on_progress=line, on_eval=on_eval, on_unreadable=on_unreadable,
+        )  # fmt: skip
+    finally:
+        line.clear()
+    if as_json:
+        print_json(report.as_dict())
+        return
+    how = {"steps": "step budget reached", "minutes": "time budget reached"}
+    how["interrupt"] = "interrupted"
+    click.echo(
+        f"Trained {report.steps_this_run} steps ({report.steps} in all) in "
+        f"{_duration(report.seconds)}, {report.views_per_second:.0f} views/s "
+        f"({how[report.stopped_by]})."
+    )
+    if report.history:
+        first = report.history[0]
+        top = max(report.history, key=lambda e: e["mAP_l2"])
+        click.echo(
+            f"mAP (l2) {first['mAP_l2']:.4f} at step {first['step']} -> {top['mAP_l2']:.4f} at "
+            f"step {top['step']} (the weights in {out})."
+        )
+    click.echo(f"Weights: {out}; resumable state: {report.last}.")
+    click.echo(f"Use them: imgindex build FOLDER --weights {out}")
+    if report.stopped_by == "interrupt":
+        sys.exit(130)
+
+
+def _eval_set(eval_dir: Path | None, eval_labels: Path | None, eval_set_type: Any) -> Any:
+    from imgindex.evaluate import labels_from_csv, labels_from_folders
+    from imgindex.files import walk_images
+
+    if eval_labels is not None:
+        labels = labels_from_csv(eval_labels)
+        if eval_dir is not None:
+            root = os.path.abspath(eval_dir).rstrip(os.sep) + os.sep
+            labels = dataclasses_replace(
+                labels, label={p: v for p, v in labels.label.items() if p.startswith(root)}
+            )
+        paths = sorted(labels.label)
+    else:
+        paths = [os.path.abspath(p) for p in walk_images([eval_dir])]
+        labels = labels_from_folders(paths, [eval_dir])
+    groups = [labels.group.get(p) for p in paths] if labels.group else None
+    return eval_set_type([Path(p) for p in paths], [labels.label[p] for p in paths], groups)
+
+
+def dataclasses_replace(obj: Any, **changes: Any) -> Any:
+    import dataclasses
+
+    return dataclasses.replace(obj, **changes)
+
+
+class TrainProgressLine:
+    """Training progress on one self-rewriting stderr line (a terminal only)."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled and sys.stderr.isatty()
+        self._last = 0.0
+        self._width = 0
+
+    def __call__(self, state: Any) -> None:
+        if not self.enabled or time.monotonic() - self._last < 0.5:
+            return
+        self._last = time.monotonic()
+        total = f"/{state.total_steps}" if state.total_steps else ""
+        text = (
+            f"Training step {state.step}{total}  loss {state.loss:.4f}  "
+            f"{state.views_per_second:.0f} views/s  lr {state.lr:.1e}  {_duration(state.elapsed)}"
+        )
+        click.echo("\r" + text.ljust(self._width), nl=False, err=True)
+        self._width = len(text)
+
+    def clear(self) -> None:
+        if self.enabled and self._width:
+            click.echo("\r" + " " * self._width + "\r", nl=False, err=True)
+            self._width = 0
+
+
+@cli.command()
 @index_option
 @click.option("--queries", default=200, show_default=True, type=click.IntRange(1))
 @click.option("-k", "k", default=10, show_default=True, type=click.IntRange(1))

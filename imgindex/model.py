@@ -16,6 +16,7 @@ changing their vectors, so batches are formed from images of the same resized sh
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import os
@@ -105,49 +106,145 @@ def resolve_weights(path: str | os.PathLike[str] | None = None) -> Weights:
     return Weights(path=resolved, sha256=sha, is_default=sha == AUGNET_SHA256)
 
 
-def build_network() -> torch.nn.Module:
-    """An untrained AugNet: ResNet50 whose ``fc`` is ``Linear(2048, 768)``, followed by tanh."""
-    import torch
-    from torchvision.models import resnet50
+# Backbones a network can have (torchvision ResNets); imgsim's weights are the resnet50 one. The
+# smaller two are for training from scratch on modest hardware, as in the AugNet repository.
+ARCHS = {"resnet50": 2048, "resnet34": 512, "resnet18": 512}
+CHECKPOINT_FORMAT = "imgindex-augnet-checkpoint"
 
-    backbone = resnet50(weights=None)
-    backbone.fc = torch.nn.Linear(2048, EMBEDDING_DIM)
+
+def build_network(arch: str = "resnet50") -> torch.nn.Module:
+    """An untrained AugNet: a ResNet whose ``fc`` is ``Linear(features, 768)``, then tanh."""
+    import torch
+    import torchvision.models
+
+    if arch not in ARCHS:
+        raise WeightsError(f"unknown backbone {arch!r}; choose one of: {', '.join(ARCHS)}")
+    backbone = getattr(torchvision.models, arch)(weights=None)
+    backbone.fc = torch.nn.Linear(ARCHS[arch], EMBEDDING_DIM)
     return torch.nn.Sequential(backbone, torch.nn.Tanh())
 
 
-def load_network(weights: Weights) -> torch.nn.Module:
-    """AugNet with ``weights`` loaded, in eval mode, on the CPU."""
+def state_digest(state: dict[str, torch.Tensor], meta_json: str) -> str:
+    """SHA-256 over a state dict's names, dtypes, shapes and values, and the metadata: what a
+    checkpoint records about itself, so that a changed value is noticed when it is loaded."""
+    import torch
+
+    digest = hashlib.sha256(meta_json.encode())
+    for key in sorted(state):
+        tensor = state[key].detach().cpu().contiguous()
+        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
+        digest.update(tensor.view(-1).view(dtype=torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """What a weights file holds: the network's state, its backbone, and how it was made."""
+
+    state: dict[str, Any]
+    arch: str
+    meta: dict[str, Any]  # empty for imgsim's model.pth
+    training: dict[str, Any] | None  # optimizer and progress, in a resumable checkpoint
+
+
+def read_checkpoint(path: Path) -> Checkpoint:
+    """Load imgsim's model.pth or an imgindex checkpoint, safely (``weights_only=True``: a file
+    cannot run code), checking an imgindex checkpoint's recorded digest."""
+    import json
+
     import torch
 
     try:
-        state = torch.load(weights.path, map_location="cpu", weights_only=True)
+        raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise WeightsError(
-            f"{weights.path}: not a loadable PyTorch state dict ({type(exc).__name__}: "
+            f"{path}: not a loadable PyTorch state dict ({type(exc).__name__}: "
             f"{str(exc).splitlines()[0] if str(exc) else ''})"
         ) from None
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise WeightsError(f"{weights.path}: expected a state dict, found {type(state).__name__}")
+    if isinstance(raw, dict) and raw.get("format") == CHECKPOINT_FORMAT:
+        meta_json = raw.get("meta")
+        state = raw.get("state_dict")
+        if not isinstance(meta_json, str) or not isinstance(state, dict):
+            raise WeightsError(f"{path}: an imgindex checkpoint without state or metadata")
+        if state_digest(state, meta_json) != raw.get("digest"):
+            raise WeightsError(
+                f"{path}: the weights do not match the checkpoint's recorded digest; the file "
+                "was damaged or modified after it was written"
+            )
+        meta = json.loads(meta_json)
+        return Checkpoint(state, str(meta.get("arch", "resnet50")), meta, raw.get("training"))
+    if isinstance(raw, dict) and "state_dict" in raw and isinstance(raw["state_dict"], dict):
+        raw = raw["state_dict"]
+    if not isinstance(raw, dict):
+        raise WeightsError(f"{path}: expected a state dict, found {type(raw).__name__}")
     # imgsim's checkpoint was saved from nn.DataParallel ("module." prefixes) around a module whose
     # ResNet is called "pre"; our Sequential names it "0".
     renamed = {}
-    for key, value in state.items():
+    for key, value in raw.items():
         key = key.removeprefix("module.")
         if key.startswith("pre."):
             key = "0." + key[len("pre.") :]
         renamed[key] = value
-    network = build_network()
+    return Checkpoint(renamed, "resnet50", {}, None)
+
+
+def write_checkpoint(
+    path: Path,
+    network: torch.nn.Module,
+    meta: dict[str, Any],
+    training: dict[str, Any] | None = None,
+) -> None:
+    """Save ``network`` (with ``meta``, and ``training`` state for resuming) atomically: to a
+    temporary file, flushed to disk, then renamed over ``path``."""
+    import json
+
+    import torch
+
+    state = {k: v.detach().float().cpu() if v.is_floating_point() else v.detach().cpu()
+             for k, v in network.state_dict().items()}  # fmt: skip
+    meta_json = json.dumps(meta, sort_keys=True)
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "meta": meta_json,
+        "state_dict": state,
+        "digest": state_digest(state, meta_json),
+    }
+    if training is not None:
+        payload["training"] = training
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        network.load_state_dict(renamed, strict=True)
+        with open(temp, "wb") as fh:
+            torch.save(payload, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(temp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            temp.unlink()
+
+
+def load_network(weights: Weights) -> torch.nn.Module:
+    """AugNet with ``weights`` loaded, in eval mode, on the CPU."""
+    checkpoint = read_checkpoint(weights.path)
+    network = build_network(checkpoint.arch)
+    try:
+        network.load_state_dict(checkpoint.state, strict=True)
     except RuntimeError as exc:
         first = str(exc).splitlines()
         detail = " ".join(line.strip() for line in first[1:3]) or first[0]
         raise WeightsError(
-            f"{weights.path}: not an AugNet ResNet50-768 checkpoint ({detail[:300]})"
+            f"{weights.path}: not an AugNet {checkpoint.arch}-768 checkpoint ({detail[:300]})"
         ) from None
     return network.eval()
+
+
+def network_arch(network: torch.nn.Module) -> str:
+    """The backbone of an AugNet network, read off its structure."""
+    backbone = network[0]
+    if backbone.fc.in_features == ARCHS["resnet50"]:
+        return "resnet50"
+    return "resnet34" if len(backbone.layer1) == 3 else "resnet18"
 
 
 # --------------------------------------------------------------------------------------------
@@ -392,7 +489,9 @@ class Vectorizer:
         return resolve_weights(weights)
 
     def _build_network(self) -> torch.nn.Module:
-        return load_network(self.weights)
+        network = load_network(self.weights)
+        self.model_name = f"augnet-{network_arch(network)}-{EMBEDDING_DIM}"
+        return network
 
     @property
     def dim(self) -> int:

@@ -105,7 +105,7 @@ def test_checkpoint_of_another_shape_is_refused(tmp_path):
 
     path = tmp_path / "resnet18.pth"
     torch.save(resnet18(weights=None).state_dict(), path)
-    with pytest.raises(WeightsError, match="not an AugNet ResNet50-768 checkpoint"):
+    with pytest.raises(WeightsError, match="not an AugNet resnet50-768 checkpoint"):
         load_network(resolve_weights(path))
 
 

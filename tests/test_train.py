@@ -1,0 +1,231 @@
+"""Training AugNet on CPU: tiny configurations on real images (ResNet18 from scratch at 64
+pixels), so every property is checked in seconds; one slow test fine-tunes the real AugNet."""
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+import imgindex
+from imgindex.cli import cli
+from imgindex.errors import IncompatibleIndexError, WeightsError
+from imgindex.evaluate import evaluate_vectors
+from imgindex.files import walk_images
+from imgindex.model import AUGNET_SHA256, Vectorizer, build_network, read_checkpoint
+from imgindex.train import EvalSet, TrainOptions, last_path, photometric, train
+
+from .conftest import DATA
+
+TINY = {"arch": "resnet18", "init": "scratch", "crop_size": 64, "views_per_image": 2}
+
+
+def images(*folders):
+    return sorted(walk_images([DATA / f for f in folders]))
+
+
+def state_of(path):
+    return read_checkpoint(Path(path)).state
+
+
+@pytest.mark.parametrize("loss", ["contrastive", "softmax"])
+def test_a_few_steps_reduce_the_loss(tmp_path, loss):
+    # The same 12 photos every step (in new augmented views): the network learns to tell them
+    # apart, so the loss falls.
+    options = TrainOptions(**TINY, images_per_step=12, loss=loss, lr=1e-3, seed=0,
+                           warmup_steps=1)  # fmt: skip
+    losses = []
+    report = train(
+        images("pizza", "stop_sign"),
+        tmp_path / "ft.pth",
+        options,
+        steps=12,
+        device="cpu",
+        on_progress=lambda p: losses.append(p.loss),
+    )
+    assert report.steps == 12 and len(losses) == 12 and all(np.isfinite(losses))
+    assert np.mean(losses[-3:]) < 0.7 * np.mean(losses[:2]), losses
+    assert report.views_per_second > 0
+
+
+def test_checkpoint_round_trip(tmp_path):
+    out = tmp_path / "ft.pth"
+    paths = images("pizza", "bonsai")
+    report = train(paths, out, TrainOptions(**TINY, images_per_step=4, seed=3), steps=2,
+                   device="cpu")  # fmt: skip
+    assert report.out == out and report.last == tmp_path / "ft.last.pth"
+    checkpoint = read_checkpoint(out)
+    meta = checkpoint.meta
+    assert checkpoint.arch == "resnet18" and checkpoint.training is None
+    assert meta["steps"] == 2 and meta["views_seen"] == 2 * 4 * 2
+    assert meta["init"] == "scratch" and meta["base_weights_sha256"] is None
+    assert meta["data"]["images"] == 12 and len(meta["data"]["fingerprint"]) == 64
+    assert meta["preprocessing"]["short_side"] == 350 and meta["options"]["seed"] == 3
+    assert read_checkpoint(report.last).training["step"] == 2
+
+    # The checkpoint, loaded as weights, embeds like the network it holds.
+    vectorizer = Vectorizer(device="cpu", weights=out)
+    assert vectorizer.fingerprint()["model"] == "augnet-resnet18-768"
+    network = build_network("resnet18")
+    network.load_state_dict(checkpoint.state)
+    network.eval()
+    image = paths[0]
+    with torch.inference_mode():
+        x = vectorizer.preprocessing.normalize(vectorizer.prepare(image)[None])
+        expected = network(x).numpy()[0]
+    assert np.abs(vectorizer.vectorize(image) - expected).max() < 1e-5
+
+
+def test_tampered_checkpoints_are_refused(tmp_path):
+    out = tmp_path / "ft.pth"
+    train(images("pizza"), out, TrainOptions(**TINY, images_per_step=4, seed=0), steps=1,
+          device="cpu")  # fmt: skip
+    payload = torch.load(out, weights_only=True)
+    payload["state_dict"]["0.fc.bias"][0] += 0.5  # one number changed, digest kept
+    changed = tmp_path / "changed.pth"
+    torch.save(payload, changed)
+    with pytest.raises(WeightsError, match="recorded digest"):
+        Vectorizer(device="cpu", weights=changed)
+
+    payload = torch.load(out, weights_only=True)
+    payload["meta"] = payload["meta"].replace('"steps": 1', '"steps": 1000')
+    torch.save(payload, changed)
+    with pytest.raises(WeightsError, match="recorded digest"):
+        read_checkpoint(changed)
+
+    # A checkpoint that would run code when unpickled is not loaded at all.
+    torch.save({"format": "imgindex-augnet-checkpoint", "hook": os.getcwd}, changed)
+    with pytest.raises(WeightsError, match="not a loadable PyTorch state dict"):
+        read_checkpoint(changed)
+
+    changed.write_bytes(out.read_bytes()[: out.stat().st_size // 2])
+    with pytest.raises(WeightsError, match="not a loadable"):
+        Vectorizer(device="cpu", weights=changed)
+
+
+def test_resume_continues_from_the_saved_step_like_an_uninterrupted_run(tmp_path):
+    paths = images("pizza", "sea_horse")
+    options = TrainOptions(**TINY, images_per_step=4, seed=7)
+    straight = train(paths, tmp_path / "a.pth", options, steps=4, device="cpu")
+    assert straight.steps == 4
+
+    # The same run, interrupted after 2 of its 4 steps (as Ctrl-C would), then resumed.
+    done = []
+    first = train(paths, tmp_path / "b.pth", options, steps=4, device="cpu",
+                  on_progress=done.append, stop=lambda: len(done) >= 2)  # fmt: skip
+    assert first.steps == 2 and first.stopped_by == "interrupt"
+    # Resuming takes the saved options (a different --lr here is ignored) and the saved step.
+    resumed = train(paths, tmp_path / "b.pth", TrainOptions(**TINY, lr=1.0), steps=4,
+                    device="cpu", resume=True)  # fmt: skip
+    assert resumed.steps == 4 and resumed.steps_this_run == 2
+    a, b = state_of(tmp_path / "a.pth"), state_of(tmp_path / "b.pth")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.allclose(a[key].float(), b[key].float(), atol=1e-6), key
+    # (Another seed gives weights that differ by far more than that.)
+    other = train(paths, tmp_path / "c.pth", TrainOptions(**TINY, images_per_step=4, seed=8),
+                  steps=4, device="cpu")  # fmt: skip
+    c = state_of(other.out)
+    assert max((a[k].float() - c[k].float()).abs().max() for k in a) > 1e-2
+
+    with pytest.raises(imgindex.ImgIndexError, match="no checkpoint to resume from"):
+        train(paths, tmp_path / "d.pth", options, steps=2, device="cpu", resume=True)
+
+
+def test_interrupt_keeps_a_resumable_checkpoint(tmp_path):
+    paths = images("bonsai")
+    progress = []
+    report = train(paths, tmp_path / "ft.pth", TrainOptions(**TINY, images_per_step=3, seed=1),
+                   steps=50, device="cpu", on_progress=progress.append,
+                   stop=lambda: len(progress) >= 2)  # fmt: skip
+    assert report.stopped_by == "interrupt" and report.steps == 2
+    assert read_checkpoint(last_path(tmp_path / "ft.pth")).training["step"] == 2
+
+
+def test_eval_set_keeps_the_best_weights(tmp_path):
+    paths = images("pizza", "stop_sign", "Leopards")
+    eval_paths = images("airplanes", "bonsai", "sea_horse")
+    eval_set = EvalSet(eval_paths, [p.parent.name for p in eval_paths])
+    evals = []
+    report = train(paths, tmp_path / "ft.pth", TrainOptions(**TINY, images_per_step=6, seed=2,
+                   lr=3e-3), steps=6, device="cpu", eval_set=eval_set, checkpoint_every=2,
+                   on_eval=evals.append)  # fmt: skip
+    assert [e.step for e in evals] == [0, 2, 4, 6]
+    assert [e["step"] for e in report.history] == [0, 2, 4, 6]
+    best = max(evals, key=lambda e: e.mean_average_precision)
+    assert sum(e.best for e in evals) >= 1 and evals[0].best
+    assert read_checkpoint(tmp_path / "ft.pth").meta["steps"] == best.step
+    assert read_checkpoint(report.last).meta["steps"] == 6
+    # The recorded mAP is what `imgindex eval` measures with these weights.
+    vectors = Vectorizer(device="cpu", weights=tmp_path / "ft.pth").vectorize(eval_paths)
+    labels = [p.parent.name for p in eval_paths]
+    assert evaluate_vectors(vectors, labels).mean_average_precision == pytest.approx(
+        best.mean_average_precision, abs=1e-4
+    )
+
+
+def test_an_index_refuses_another_checkpoint(tmp_path):
+    paths = images("pizza")
+    for seed in (0, 1):
+        train(paths, tmp_path / f"m{seed}.pth", TrainOptions(**TINY, images_per_step=3,
+              seed=seed), steps=1, device="cpu")  # fmt: skip
+    with imgindex.Index.create(tmp_path / "idx", weights=tmp_path / "m0.pth", device="cpu") as ix:
+        ix.add(paths)
+    other = imgindex.Index.open(tmp_path / "idx", weights=tmp_path / "m1.pth", device="cpu")
+    with other, pytest.raises(IncompatibleIndexError, match="built with weights"):
+        other.search(paths[0])
+    with imgindex.Index.open(tmp_path / "idx", weights=tmp_path / "m0.pth", device="cpu") as ix:
+        assert ix.search(paths[0], k=1)[0].path == str(paths[0])
+
+
+def test_photometric_augmentation():
+    views = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)
+    out = photometric(views, torch.Generator().manual_seed(0))
+    assert out.shape == (16, 3, 32, 32) and out.dtype == torch.float32
+    assert out.min() >= 0 and out.max() <= 1
+    again = photometric(views, torch.Generator().manual_seed(0))
+    assert torch.equal(out, again)
+    changed = (out - views.float() / 255).abs().amax((1, 2, 3))
+    assert (changed > 0.01).sum() >= 10  # most views are changed, each in its own way
+
+
+def test_train_command(tmp_path, photos):
+    (photos / "pizza" / "broken.jpg").write_text("not a picture")
+    out = tmp_path / "ft.pth"
+    args = ["train", photos / "pizza", photos / "stop_sign", "--out", out, "--arch", "resnet18",
+            "--init", "scratch", "--crop-size", "64", "--images-per-step", "4",
+            "--views-per-image", "2", "--steps", "3", "--eval", photos, "--seed", "0",
+            "--device", "cpu", "--json"]  # fmt: skip
+    result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code == 0, result.output + result.stderr
+    report = json.loads(result.stdout)
+    assert report["steps"] == 3 and report["stopped_by"] == "steps"
+    assert [e["step"] for e in report["evaluations"]] == [0, 3]
+    assert report["unreadable"][0]["path"].endswith("broken.jpg")
+    assert "Evaluation set: 37 images" not in result.stderr  # broken.jpg is not labelled data
+    assert "skipped" in result.stderr and "broken.jpg" in result.stderr
+    assert out.exists() and last_path(out).exists()
+
+    again = CliRunner().invoke(cli, [str(a) for a in ["train", photos, "--out", out, "--arch",
+                               "resnet18"]])  # fmt: skip
+    assert again.exit_code == 1
+    assert "the stock weights are a resnet50; train a resnet18 with --init scratch" in again.stderr
+
+
+@pytest.mark.slow
+def test_fine_tuning_the_real_augnet(tmp_path):
+    out = tmp_path / "ft.pth"
+    options = TrainOptions(images_per_step=4, views_per_image=2, crop_size=96, seed=0)
+    report = train(images("pizza", "bonsai"), out, options, steps=2, device="cpu")
+    meta = read_checkpoint(out).meta
+    assert report.steps == 2 and meta["base_weights_sha256"] == AUGNET_SHA256
+    stock = read_checkpoint(imgindex.model.default_weights_path()).state
+    tuned = read_checkpoint(out).state
+    # Batch-norm statistics stay frozen when fine-tuning; the weights move.
+    assert torch.equal(stock["0.bn1.running_mean"], tuned["0.bn1.running_mean"])
+    assert not torch.equal(stock["0.fc.weight"], tuned["0.fc.weight"])
+    vector = Vectorizer(device="cpu", weights=out).vectorize(DATA / "pizza" / "image_0001.jpg")
+    assert vector.shape == (768,) and np.isfinite(vector).all()
