@@ -10,13 +10,18 @@ from files on disk to vectors; model loading is left out of every timing. Rows:
 * ceiling exact / fast: the same network and batches on tensors decoded and resized beforehand,
   so only the forward passes are timed.
 
+* exact, batched JPEG decoding on the device (``--device-decode``): the files' bytes read by
+  threads, decoded in batches by ``torchvision.io.decode_jpeg`` on the GPU (nvJPEG), resized
+  there with the same OpenCV-exact arithmetic, and embedded (files to vectors; no index).
+
 It also checks that exact-preset vectors from the batched ingest equal one-by-one vectors (max
-abs difference) and compares them with imgsim's (min cosine). Run it on a GPU with --device cuda
-(and --precision bf16). Prints a table; ratios are against imgsim and against the ceiling of
-the same preset, measured in the same run.
+abs difference) and compares them with imgsim's (min cosine), and the device-decoded vectors
+with the CPU-decoded ones. Run it on a GPU with --device cuda (and --precision bf16);
+``--megapixels 1`` turns the images into JPEGs of about one megapixel first. Prints a table;
+ratios are against imgsim and against the ceiling of the same preset, measured in the same run.
 
     python benchmarks/ingest.py [--images DIR] [--count 80] [--rounds 3] [--device auto]
-        [--precision fp32|bf16]
+        [--precision fp32|bf16] [--megapixels MP] [--device-decode] [--workers N]
 """
 
 from __future__ import annotations
@@ -50,6 +55,15 @@ def main() -> None:
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--skip-imgsim", action="store_true")
+    parser.add_argument("--workers", type=int, default=None, help="reading threads")
+    parser.add_argument(
+        "--megapixels", type=float, default=None, help="re-encode the images at this size first"
+    )
+    parser.add_argument(
+        "--device-decode",
+        action="store_true",
+        help="add a row decoding JPEGs on the device (nvJPEG on a GPU)",
+    )
     parser.add_argument(
         "--crops",
         action="store_true",
@@ -63,7 +77,11 @@ def main() -> None:
     scratch = tempfile.TemporaryDirectory()
     if args.crops:
         paths = make_crops(paths, Path(scratch.name))
+    if args.megapixels:
+        paths = make_resized(paths, Path(scratch.name), args.megapixels)
     what = "128 x 256 crops of images" if args.crops else "images"
+    if args.megapixels:
+        what = f"{args.megapixels:g} MP JPEG copies of images"
     print(f"{len(paths)} {what} from {args.images}", file=sys.stderr)
 
     vectorizers = {
@@ -90,11 +108,20 @@ def main() -> None:
             (
                 f"imgindex {preset} (end to end)",
                 preset,
-                ingest_method(vectorizer, paths, vectors, preset),
+                ingest_method(vectorizer, paths, vectors, preset, args.workers),
             )
         )
         methods.append(
             (f"ceiling {preset} (forward passes only)", preset, ceiling_method(vectorizer, paths))
+        )
+
+    if args.device_decode:
+        methods.append(
+            (
+                "imgindex exact, JPEGs decoded on the device",
+                "exact",
+                device_decode_method(vectorizers["exact"], paths, vectors, args.workers),
+            )
         )
 
     # The machine's speed drifts by 10% or more over minutes (shared cores), so the methods take
@@ -122,6 +149,13 @@ def main() -> None:
         for preset in ("exact", "fast"):
             cos = np.diag(imgindex.cosine_similarity(vectors[preset], vectors["imgsim"]))
             print(f"{preset} vs imgsim vectors: min cosine {cos.min():.6f}, mean {cos.mean():.6f}")
+    if "device-decode" in vectors:
+        a, b = vectors["device-decode"], vectors["exact"]
+        cos = np.diag(imgindex.cosine_similarity(a, b))
+        print(
+            f"exact, JPEGs decoded on the device vs on the CPU: min cosine {cos.min():.6f}, mean "
+            f"{cos.mean():.6f}, max abs difference {np.abs(a - b).max():.2e}"
+        )
     device = exact.device
     gpu = torch.cuda.get_device_name(0) if device.startswith("cuda") else "none"
     precisions = ", ".join(f"{k} {v.precision}" for k, v in vectorizers.items())
@@ -149,10 +183,30 @@ def make_crops(paths: list[Path], folder: Path) -> list[Path]:
     return out
 
 
+def make_resized(paths: list[Path], folder: Path, megapixels: float) -> list[Path]:
+    """JPEG copies (quality 90) of the images scaled to about ``megapixels``, aspect kept."""
+    import concurrent.futures as cf
+
+    from PIL import Image
+
+    def convert(item: tuple[int, Path]) -> Path:
+        i, path = item
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            scale = (megapixels * 1e6 / (im.width * im.height)) ** 0.5
+            size = (round(im.width * scale), round(im.height * scale))
+            target = folder / f"{i:05d}.jpg"
+            im.resize(size, Image.BICUBIC).save(target, quality=90)
+            return target
+
+    with cf.ThreadPoolExecutor(os.cpu_count()) as pool:
+        return list(pool.map(convert, enumerate(paths)))
+
+
 def images_of_one_shape(paths: list[Path], vectorizer: imgindex.Vectorizer) -> list[Path]:
     """Up to 8 of ``paths`` that resize to the same shape (so they share batches)."""
     by_shape: dict[tuple[int, ...], list[Path]] = {}
-    for path in paths:
+    for path in paths[:300]:
         by_shape.setdefault(tuple(vectorizer.prepare(path).shape), []).append(path)
     return max(by_shape.values(), key=len)[:8]
 
@@ -184,6 +238,7 @@ def ingest_method(
     paths: list[Path],
     vectors: dict[str, np.ndarray],
     key: str,
+    workers: int | None = None,
 ) -> Callable[[], float]:
     vectorizer.vectorize(paths[:2])  # warm up
 
@@ -193,7 +248,7 @@ def ingest_method(
             imgindex.Index.create(Path(scratch) / "index", vectorizer=vectorizer) as index,
         ):
             started = time.perf_counter()
-            report = index.sync(paths)
+            report = index.sync(paths, workers=workers)
             seconds = time.perf_counter() - started
             if report.skipped:
                 print(f"skipped: {report.skipped[:3]}", file=sys.stderr)
@@ -203,8 +258,59 @@ def ingest_method(
     return run
 
 
+def device_decode_method(
+    vectorizer: imgindex.Vectorizer,
+    paths: list[Path],
+    vectors: dict[str, np.ndarray],
+    workers: int | None,
+    chunk: int = 128,
+) -> Callable[[], float]:
+    """Files -> bytes (threads) -> torchvision.io.decode_jpeg on the device, a batch at a time
+    -> OpenCV-exact resize on the device -> embed. JPEG files only; no index is written."""
+    import concurrent.futures as cf
+
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    from imgindex.model import opencv_bilinear_resize
+
+    device = vectorizer.device
+    preprocessing = vectorizer.preprocessing
+
+    def read(path: Path) -> torch.Tensor:
+        return torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8)
+
+    def prepare(image: torch.Tensor) -> torch.Tensor:
+        pixels = image.permute(1, 2, 0)
+        new_w, new_h = preprocessing.target_size(pixels.shape[1], pixels.shape[0])
+        if (new_w, new_h) != (pixels.shape[1], pixels.shape[0]):
+            pixels = opencv_bilinear_resize(pixels, new_w, new_h)
+        return pixels.permute(2, 0, 1).contiguous()
+
+    def embed_all() -> np.ndarray:
+        out = []
+        with cf.ThreadPoolExecutor(workers or max(1, (os.cpu_count() or 2) - 2)) as pool:
+            data = pool.map(read, paths)
+            for start in range(0, len(paths), chunk):
+                batch = [next(data) for _ in paths[start : start + chunk]]
+                decoded = decode_jpeg(batch, mode=ImageReadMode.RGB, device=device)
+                out.append(vectorizer.embed_tensors([prepare(image) for image in decoded]))
+        return np.concatenate(out)
+
+    embed_all()  # warm up (the decoder's first call sets up its state)
+
+    def run() -> float:
+        started = time.perf_counter()
+        vectors["device-decode"] = embed_all()
+        return time.perf_counter() - started
+
+    return run
+
+
 def ceiling_method(vectorizer: imgindex.Vectorizer, paths: list[Path]) -> Callable[[], float]:
-    tensors = [vectorizer.prepare(p) for p in paths]  # decoded and resized beforehand
+    import concurrent.futures as cf
+
+    with cf.ThreadPoolExecutor(max(1, (os.cpu_count() or 2) - 1)) as pool:
+        tensors = list(pool.map(vectorizer.prepare, paths))  # decoded and resized beforehand
     vectorizer.embed_tensors(tensors[:2])
 
     def run() -> float:

@@ -236,7 +236,7 @@ def ingest_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                 default=None,
                 type=click.IntRange(0),
                 help="Threads reading and decoding images ahead of the network. Default: 0 on "
-                "a CPU (read between forward passes), up to 8 with a GPU.",
+                "a CPU (read between forward passes), all cores but two (up to 16) with a GPU.",
             ),
             click.option(
                 "--max-pixels",

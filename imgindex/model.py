@@ -348,21 +348,25 @@ def opencv_bilinear_resize(pixels: torch.Tensor, width: int, height: int) -> tor
     import torch
 
     src_h, src_w = pixels.shape[:2]
-    x0, x1, a0, a1 = (torch.from_numpy(v) for v in _opencv_taps(src_w, width, clamp=True))
+
+    def tensor(array: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(array).to(pixels.device)  # the pixels may be on a GPU
+
+    x0, x1, a0, a1 = (tensor(v) for v in _opencv_taps(src_w, width, clamp=True))
     y0, y1, b0, b1 = _opencv_taps(src_h, height, clamp=False)
     # Each source row is filtered horizontally once, however many output rows use it
     # (upscaling reuses every row about twice): 3-5 times faster than filtering per output row.
     rows, which = np.unique(np.concatenate([y0, y1]), return_inverse=True)
-    picked = pixels.index_select(0, torch.from_numpy(rows))
+    picked = pixels.index_select(0, tensor(rows))
     filtered = (
         picked.index_select(1, x0).int() * a0.view(1, -1, 1)
         + picked.index_select(1, x1).int() * a1.view(1, -1, 1)
     ) >> 4
-    which_t = torch.from_numpy(which)
+    which_t = tensor(which)
     top = filtered.index_select(0, which_t[:height])
-    top.mul_(torch.from_numpy(b0).view(-1, 1, 1)).bitwise_right_shift_(16)
+    top.mul_(tensor(b0).view(-1, 1, 1)).bitwise_right_shift_(16)
     bottom = filtered.index_select(0, which_t[height:])
-    bottom.mul_(torch.from_numpy(b1).view(-1, 1, 1)).bitwise_right_shift_(16)
+    bottom.mul_(tensor(b1).view(-1, 1, 1)).bitwise_right_shift_(16)
     return top.add_(bottom).add_(2).bitwise_right_shift_(2).to(torch.uint8)
 
 
@@ -557,8 +561,9 @@ class Vectorizer:
         import torch
 
         with torch.inference_mode():
-            if self.device != "cpu":
+            if batch.device.type == "cpu" and self.device != "cpu":
                 batch = batch.pin_memory().to(self.device, non_blocking=True)
+            batch = batch.to(self.device)  # no-op unless decoded on another device
             x = self.preprocessing.normalize(batch).contiguous(memory_format=self._input_format)
             if self.precision == "bf16":
                 with torch.autocast(

@@ -600,7 +600,7 @@ def train(
         num_workers=workers,
         collate_fn=_collate,
         pin_memory=on_gpu,
-        prefetch_factor=4 if workers else None,
+        prefetch_factor=2 if workers else None,
         persistent_workers=bool(workers),
     )
     generator = torch.Generator(device=device)
