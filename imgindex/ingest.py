@@ -273,7 +273,7 @@ class _Build:
                 self._queue_alone(path, buckets)
                 pending += 1
             else:
-                buckets[tuple(outcome.tensor.shape)].append(outcome)
+                buckets[self.vectorizer.group_key(outcome.tensor)].append(outcome)
                 self.twins_waiting[outcome.image.sha256] = []
                 pending += 1
             shape = self._full_bucket(buckets, batch_size, pending)
@@ -294,7 +294,7 @@ class _Build:
         except ImageError as exc:
             self.skip(path, exc.reason)
             return
-        buckets[tuple(again.tensor.shape)].append(again)
+        buckets[self.vectorizer.group_key(again.tensor)].append(again)
         self.twins_waiting[again.image.sha256] = []
 
     @staticmethod
@@ -348,9 +348,7 @@ class _Build:
         return True
 
     def _embed(self, items: list[_Read]) -> None:
-        import torch
-
-        vectors = self.vectorizer.embed_batch(torch.stack([r.tensor for r in items]))
+        vectors = self.vectorizer.embed_group([r.tensor for r in items])
         images = [r.image for r in items]
         new_ids = self.store.write_batch(images, vectors, self.skips_to_record)
         self.skips_to_record.clear()

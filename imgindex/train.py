@@ -659,11 +659,13 @@ def train(
     unreadable: dict[str, str] = {}
     step = start_step
     stopped_by = "steps"
-    train_seconds = 0.0
+    paused = 0.0  # seconds spent evaluating and writing checkpoints
     views_done = 0
+    # Reading the loss waits for the device; on a GPU, only every few steps, so the CPU queues
+    # the next step's work while the GPU computes this one.
+    sync_every = 1 if device == "cpu" else 10
     started = last_checkpoint = time.monotonic()
     steps_since_checkpoint = 0
-    loss_value = float("nan")
     batches = iter(loader)
     try:
         while True:
@@ -677,7 +679,6 @@ def train(
             if stop is not None and stop():
                 stopped_by = "interrupt"
                 break
-            tick = time.perf_counter()
             views, failed = next(batches)
             for i, reason in failed:
                 name = os.fsdecode(images[i])
@@ -705,31 +706,29 @@ def train(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            loss_value = float(loss.detach())  # waits for the device: the step is done
-            train_seconds += time.perf_counter() - tick
             views_done += count * options.views_per_image
             step += 1
             steps_since_checkpoint += 1
-            if on_progress:
-                on_progress(
-                    TrainProgress(
-                        step,
-                        steps,
-                        loss_value,
-                        views_done / train_seconds,
-                        time.monotonic() - started,
-                        lr,
-                    )
-                )
+            if step % sync_every == 0:
+                loss_value = float(loss.detach())
+                if on_progress:
+                    now = time.monotonic()
+                    rate = views_done / max(now - started - paused, 1e-9)
+                    on_progress(TrainProgress(step, steps, loss_value, rate, now - started, lr))
             due = time.monotonic() - last_checkpoint >= checkpoint_minutes * 60
             if due or (checkpoint_every and steps_since_checkpoint >= checkpoint_every):
+                pause = time.monotonic()
                 save(step, evaluate(step))
                 last_checkpoint = time.monotonic()
+                paused += last_checkpoint - pause
                 steps_since_checkpoint = 0
     except KeyboardInterrupt:
         stopped_by = "interrupt"
     finally:
         del batches
+    if on_gpu:
+        torch.cuda.synchronize()
+    train_seconds = time.monotonic() - started - paused
     if stopped_by == "interrupt":
         save(step, False)  # what was learnt stays; no evaluation on the way out
     elif steps_since_checkpoint or not last.exists():

@@ -178,3 +178,50 @@ def test_real_batches_equal_one_by_one(augnet):
     one_by_one = np.stack([augnet.vectorize(p) for p in paths])
     batched = augnet.vectorize(paths)
     assert np.abs(batched - one_by_one).max() <= 1e-5
+
+
+# -- padded batches (GPUs) -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_padded_forward_equals_each_image_at_its_own_size(arch):
+    from imgindex.model import PaddedForward, build_network
+
+    torch.manual_seed(0)
+    network = build_network(arch).eval()
+    with torch.no_grad():  # non-trivial batch-norm statistics, so padding would show
+        for module in network.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 1.5)
+    # Odd sizes exercise every stride's rounding; all fit one 96 x 160 padded shape.
+    sizes = [(64, 96), (65, 97), (96, 64), (70, 130), (33, 47), (96, 160)]
+    images = [torch.randn(3, h, w, dtype=torch.float64) for h, w in sizes]
+    padded = torch.zeros(len(images), 3, 96, 160, dtype=torch.float64)
+    for i, image in enumerate(images):
+        padded[i, :, : image.shape[1], : image.shape[2]] = image
+    network = network.double()
+    with torch.inference_mode():
+        together = PaddedForward(network)(padded, torch.tensor(sizes))
+        alone = torch.cat([network(image[None]) for image in images])
+        # In float64 the only difference left is summation order.
+        assert (together - alone).abs().max() < 1e-9
+        # Whatever lies in the padding stays out of the other images' vectors.
+        padded[:, :, 90:, 150:] = 100.0
+        garbage = PaddedForward(network)(padded, torch.tensor(sizes))
+    assert (garbage[:-1] - alone[:-1]).abs().max() < 1e-9
+    assert PaddedForward.bucket_shape((3, 350, 466)) == (3, 352, 480)
+
+
+@pytest.mark.slow
+def test_padded_batches_give_the_vectors_of_exact_shapes(augnet):
+    photo = np.asarray(Image.open(DATA / "Leopards" / "image_0001.jpg").convert("RGB"))
+    # Crops of one photo that resize to different shapes in the same padded shape.
+    crops = [np.ascontiguousarray(photo[:, : photo.shape[1] - cut]) for cut in (0, 3, 7, 12)]
+    padded = imgindex.Vectorizer(device="cpu", pad_batches=True, batch_size=16)
+    shapes = [tuple(padded.prepare(c, channels="rgb").shape) for c in crops]
+    keys = {padded.group_key(padded.prepare(c, channels="rgb")) for c in crops}
+    assert len(keys) < len(set(shapes)), (shapes, keys)  # some batches mix shapes
+    together = padded.vectorize(crops, channels="rgb")
+    alone = np.stack([augnet.vectorize(c, channels="rgb") for c in crops])
+    assert np.abs(together - alone).max() < 1e-5
