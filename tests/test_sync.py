@@ -177,3 +177,16 @@ def test_a_second_index_object_sees_changes_committed_by_another(tmp_path, folde
         assert len(hits) == 8
         assert {h.path for h in hits} == {r.path for r in writer.records()}
         reader.close()
+
+
+def test_reading_threads_beside_a_gpu_run_torch_single_threaded():
+    import torch
+
+    from imgindex.ingest import _one_thread_per_reader
+
+    before = torch.get_num_threads()
+    with _one_thread_per_reader(True):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    with _one_thread_per_reader(False):
+        assert torch.get_num_threads() == before
