@@ -213,7 +213,7 @@ def cli() -> None:
     imgindex duplicates                 groups of near-identical images
     imgindex check                      verify an index (repair fixes it)
     imgindex eval labelled/             retrieval quality (mAP, recall@k) on labelled images
-    imgindex train ~/Pictures --out m.pth   fine-tune AugNet on a collection, no labels needed
+    imgindex train pics/ --out ft.pth   fine-tune AugNet on a collection, no labels needed
     """
     # Our own pixel limit (--max-pixels) gives the user the real answer; Pillow's warning
     # about the same images would only be noise on the terminal.
@@ -926,6 +926,7 @@ def evaluate(
     help="Labels of the --eval images from a CSV (path,label[,group]) instead of folders.",
 )
 @click.option("--resume", is_flag=True, help="Continue from OUT's .last.pth checkpoint.")
+@click.option("--force", is_flag=True, help="Start over, replacing an existing OUT.")
 @click.option("--seed", type=int, help="Fix the random choices, for a reproducible run.")
 @click.option(
     "--arch",
@@ -995,6 +996,7 @@ def train(
     eval_dir: Path | None,
     eval_labels: Path | None,
     resume: bool,
+    force: bool,
     seed: int | None,
     arch: str,
     init: str,
@@ -1058,7 +1060,7 @@ def train(
     try:
         report = run_training(
             images, out, options, steps=steps, minutes=minutes, eval_set=eval_set,
-            resume=resume, device=device, precision=precision, workers=workers,
+            resume=resume, overwrite=force, device=device, precision=precision, workers=workers,
             checkpoint_minutes=checkpoint_minutes, checkpoint_every=checkpoint_every,
             on_progress=line, on_eval=on_eval, on_unreadable=on_unreadable,
         )  # fmt: skip

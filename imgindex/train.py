@@ -533,6 +533,7 @@ def train(
     minutes: float | None = None,
     eval_set: EvalSet | None = None,
     resume: bool = False,
+    overwrite: bool = False,
     device: str = "auto",
     precision: str = "auto",
     workers: int | None = None,
@@ -545,7 +546,8 @@ def train(
 ) -> TrainReport:
     """Train AugNet on ``images`` until ``steps`` steps in all (counting resumed ones) or
     ``minutes`` of this run, writing ``out`` (the best weights with ``eval_set``, else the
-    latest) and its resumable ``.last.pth`` at every checkpoint and at the end."""
+    latest) and its resumable ``.last.pth`` at every checkpoint and at the end. An existing
+    ``out`` is only replaced with ``resume`` or ``overwrite``."""
     import torch
 
     if steps is None and minutes is None:
@@ -559,6 +561,11 @@ def train(
         precision == "auto" and on_gpu and torch.cuda.is_bf16_supported()
     )
     last = last_path(out)
+    if not resume and not overwrite and (out.exists() or last.exists()):
+        raise ImgIndexError(
+            f"{out if out.exists() else last} exists: resume that run (--resume) or start over "
+            "and replace it (--force)"
+        )
 
     state = _resume_state(last, options, resume)
     if state is not None:

@@ -209,6 +209,12 @@ def test_train_command(tmp_path, photos):
     assert "skipped" in result.stderr and "broken.jpg" in result.stderr
     assert out.exists() and last_path(out).exists()
 
+    again = CliRunner().invoke(cli, [str(a) for a in args[:-1]])
+    assert again.exit_code == 1
+    assert f"{out} exists: resume that run (--resume) or start over" in again.stderr
+    forced = CliRunner().invoke(cli, [str(a) for a in [*args, "--force"]])
+    assert forced.exit_code == 0, forced.stderr
+
     again = CliRunner().invoke(cli, [str(a) for a in ["train", photos, "--out", out, "--arch",
                                "resnet18"]])  # fmt: skip
     assert again.exit_code == 1
