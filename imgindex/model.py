@@ -649,14 +649,19 @@ class Vectorizer:
         """Embed prepared tensors that share a :meth:`group_key`, in one batch."""
         import torch
 
-        if self._padded is None or len({tuple(t.shape) for t in tensors}) == 1:
+        if self._padded is None:
             return self.embed_batch(torch.stack(list(tensors)))
+        # The batch is padded too, to a power of two (at least 8, at most the batch size):
+        # cuDNN's plans depend on the batch size as well as the image shape.
+        rows = min(max(8, 1 << (len(tensors) - 1).bit_length()), max(self.batch_size, 8))
+        rows = max(rows, len(tensors))
         _, height, width = self.group_key(tensors[0])
-        batch = tensors[0].new_zeros((len(tensors), 3, height, width))
+        batch = tensors[0].new_zeros((rows, 3, height, width))
+        sizes = torch.full((rows, 2), 1, dtype=torch.int64)
         for i, t in enumerate(tensors):
             batch[i, :, : t.shape[1], : t.shape[2]] = t
-        sizes = torch.tensor([t.shape[1:] for t in tensors], dtype=torch.int64)
-        return self.embed_batch(batch, sizes)
+            sizes[i] = torch.tensor(t.shape[1:])
+        return self.embed_batch(batch, sizes)[: len(tensors)]
 
     def embed_tensors(self, tensors: Sequence[torch.Tensor]) -> np.ndarray:
         """Embed prepared tensors of any mix of shapes; batches are formed per group key."""

@@ -225,3 +225,28 @@ def test_padded_batches_give_the_vectors_of_exact_shapes(augnet):
     together = padded.vectorize(crops, channels="rgb")
     alone = np.stack([augnet.vectorize(c, channels="rgb") for c in crops])
     assert np.abs(together - alone).max() < 1e-5
+
+
+def test_padded_groups_pad_the_batch_size_without_changing_vectors():
+    from imgindex.model import build_network
+
+    from .conftest import FakeVectorizer
+
+    class SmallResNet(FakeVectorizer):
+        def _build_network(self):
+            torch.manual_seed(0)
+            return build_network("resnet18").eval()
+
+    unpadded = SmallResNet(device="cpu", pad_batches=False)
+    padded = SmallResNet(device="cpu", pad_batches=True, batch_size=64)
+    tensors = [torch.randint(0, 256, (3, 40 + i, 50 + 2 * i), dtype=torch.uint8) for i in range(3)]
+    alone = np.stack([unpadded.embed_group([t])[0] for t in tensors])
+    shapes = []
+    original = padded.embed_batch
+    padded.embed_batch = lambda batch, sizes=None: (
+        shapes.append(tuple(batch.shape)) or original(batch, sizes)
+    )
+    together = padded.embed_group(tensors)
+    # Three images of three sizes: one batch of 8 (a power of two), 64 x 64 (multiples of 32).
+    assert together.shape == (3, 768) and shapes == [(8, 3, 64, 64)]
+    assert np.abs(together - alone).max() < 1e-4
