@@ -1115,15 +1115,18 @@ def dataclasses_replace(obj: Any, **changes: Any) -> Any:
 
 
 class TrainProgressLine:
-    """Training progress on one self-rewriting stderr line (a terminal only)."""
+    """Training progress on stderr: one self-rewriting line on a terminal; elsewhere (a log
+    file, a job scheduler) a plain line every 30 seconds, so a long run is never silent."""
 
-    def __init__(self, enabled: bool):
-        self.enabled = enabled and sys.stderr.isatty()
-        self._last = 0.0
+    def __init__(self, enabled: bool, log_every: float = 30.0):
+        self.enabled = enabled
+        self.terminal = sys.stderr.isatty()
+        self.interval = 0.5 if self.terminal else log_every
+        self._last = time.monotonic()
         self._width = 0
 
     def __call__(self, state: Any) -> None:
-        if not self.enabled or time.monotonic() - self._last < 0.5:
+        if not self.enabled or time.monotonic() - self._last < self.interval:
             return
         self._last = time.monotonic()
         total = f"/{state.total_steps}" if state.total_steps else ""
@@ -1131,8 +1134,11 @@ class TrainProgressLine:
             f"Training step {state.step}{total}  loss {state.loss:.4f}  "
             f"{state.views_per_second:.0f} views/s  lr {state.lr:.1e}  {_duration(state.elapsed)}"
         )
-        click.echo("\r" + text.ljust(self._width), nl=False, err=True)
-        self._width = len(text)
+        if self.terminal:
+            click.echo("\r" + text.ljust(self._width), nl=False, err=True)
+            self._width = len(text)
+        else:
+            click.echo(text, err=True)
 
     def clear(self) -> None:
         if self.enabled and self._width:
