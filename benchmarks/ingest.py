@@ -10,9 +10,9 @@ from files on disk to vectors; model loading is left out of every timing. Rows:
 * ceiling exact / fast: the same network and batches on tensors decoded and resized beforehand,
   so only the forward passes are timed.
 
-* exact, batched JPEG decoding on the device (``--device-decode``): the files' bytes read by
-  threads, decoded in batches by ``torchvision.io.decode_jpeg`` on the GPU (nvJPEG), resized
-  there with the same OpenCV-exact arithmetic, and embedded (files to vectors; no index).
+* imgindex exact with ``--decode device`` (``--device-decode``): JPEGs decoded in batches by
+  ``torchvision.io.decode_jpeg`` on the GPU (nvJPEG) and resized there with the same
+  OpenCV-exact arithmetic.
 
 It also checks that exact-preset vectors from the batched ingest equal one-by-one vectors (max
 abs difference) and compares them with imgsim's (min cosine), and the device-decoded vectors
@@ -126,9 +126,11 @@ def main() -> None:
     if args.device_decode:
         methods.append(
             (
-                "imgindex exact, JPEGs decoded on the device",
+                "imgindex exact --decode device",
                 "exact",
-                device_decode_method(vectorizers["exact"], paths, vectors, args.workers),
+                ingest_method(
+                    vectorizers["exact"], paths, vectors, "device-decode", args.workers, "device"
+                ),
             )
         )
 
@@ -270,6 +272,7 @@ def ingest_method(
     vectors: dict[str, np.ndarray],
     key: str,
     workers: int | None = None,
+    decode: str = "cpu",
 ) -> Callable[[], float]:
     vectorizer.vectorize(paths[:2])  # warm up
 
@@ -279,60 +282,12 @@ def ingest_method(
             imgindex.Index.create(Path(scratch) / "index", vectorizer=vectorizer) as index,
         ):
             started = time.perf_counter()
-            report = index.sync(paths, workers=workers)
+            report = index.sync(paths, workers=workers, decode=decode)
             seconds = time.perf_counter() - started
             if report.skipped:
                 print(f"skipped: {report.skipped[:3]}", file=sys.stderr)
             vectors[key] = index.vectors([index.find(p).id for p in paths])
             return seconds
-
-    return run
-
-
-def device_decode_method(
-    vectorizer: imgindex.Vectorizer,
-    paths: list[Path],
-    vectors: dict[str, np.ndarray],
-    workers: int | None,
-    chunk: int = 128,
-) -> Callable[[], float]:
-    """Files -> bytes (threads) -> torchvision.io.decode_jpeg on the device, a batch at a time
-    -> OpenCV-exact resize on the device -> embed. JPEG files only; no index is written."""
-    import concurrent.futures as cf
-
-    from torchvision.io import ImageReadMode, decode_jpeg
-
-    from imgindex.model import opencv_bilinear_resize
-
-    device = vectorizer.device
-    preprocessing = vectorizer.preprocessing
-
-    def read(path: Path) -> torch.Tensor:
-        return torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8)
-
-    def prepare(image: torch.Tensor) -> torch.Tensor:
-        pixels = image.permute(1, 2, 0)
-        new_w, new_h = preprocessing.target_size(pixels.shape[1], pixels.shape[0])
-        if (new_w, new_h) != (pixels.shape[1], pixels.shape[0]):
-            pixels = opencv_bilinear_resize(pixels, new_w, new_h)
-        return pixels.permute(2, 0, 1).contiguous()
-
-    def embed_all() -> np.ndarray:
-        out = []
-        with cf.ThreadPoolExecutor(workers or max(1, (os.cpu_count() or 2) - 2)) as pool:
-            data = pool.map(read, paths)
-            for start in range(0, len(paths), chunk):
-                batch = [next(data) for _ in paths[start : start + chunk]]
-                decoded = decode_jpeg(batch, mode=ImageReadMode.RGB, device=device)
-                out.append(vectorizer.embed_tensors([prepare(image) for image in decoded]))
-        return np.concatenate(out)
-
-    embed_all()  # warm up (the decoder's first call sets up its state)
-
-    def run() -> float:
-        started = time.perf_counter()
-        vectors["device-decode"] = embed_all()
-        return time.perf_counter() - started
 
     return run
 

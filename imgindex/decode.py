@@ -16,6 +16,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -108,6 +109,54 @@ def decode_image_bytes(
     except Exception as exc:  # Pillow raises many types for corrupt data
         raise ImageError(name, f"corrupt or truncated image data ({_describe(exc)})") from None
     return pil_to_rgb_array(im, name)
+
+
+@dataclass(frozen=True)
+class JpegHeader:
+    """What the reading thread learns of a JPEG that the network's device will decode."""
+
+    width: int  # as stored, before EXIF orientation
+    height: int
+    orientation: int  # EXIF orientation, 1-8
+
+
+def device_decodable_jpeg(data: bytes, name: str, max_pixels: int) -> JpegHeader | None:
+    """The header of a JPEG that a GPU decoder can take (baseline or progressive, greyscale or
+    YCbCr), after the same size checks as :func:`decode_image_bytes`; None for anything else
+    (other formats, CMYK), which is decoded on the CPU. Raises ImageError for a bad header."""
+    if not data.startswith(b"\xff\xd8\xff"):
+        return None
+    try:
+        im = Image.open(io.BytesIO(data))
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return None  # let the CPU decoder give the reason
+    check_pixel_count(im.size, name, max_pixels)
+    if im.format != "JPEG" or im.mode not in ("RGB", "L"):
+        return None
+    orientation = 1
+    with contextlib.suppress(Exception):  # a broken EXIF block: keep the picture as stored
+        orientation = int(im.getexif().get(0x0112, 1))
+    return JpegHeader(im.width, im.height, orientation if 1 <= orientation <= 8 else 1)
+
+
+def orient(pixels: Any, orientation: int) -> Any:
+    """Apply an EXIF orientation to ``H x W x C`` pixels (a torch tensor), as
+    ``ImageOps.exif_transpose`` does."""
+    if orientation == 2:
+        return pixels.flip(1)
+    if orientation == 3:
+        return pixels.flip(0).flip(1)
+    if orientation == 4:
+        return pixels.flip(0)
+    if orientation == 5:
+        return pixels.permute(1, 0, 2)
+    if orientation == 6:
+        return pixels.permute(1, 0, 2).flip(1)
+    if orientation == 7:
+        return pixels.permute(1, 0, 2).flip(0).flip(1)
+    if orientation == 8:
+        return pixels.permute(1, 0, 2).flip(0)
+    return pixels
 
 
 def check_pixel_count(size: tuple[int, int], name: str, max_pixels: int) -> None:

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from imgindex.decode import decode_image_bytes, read_file
+from imgindex.decode import decode_image_bytes, device_decodable_jpeg, orient, read_file
 from imgindex.errors import ImageError, ImgIndexError
 from imgindex.files import walk_images
 from imgindex.store import NewImage, Store, path_text
@@ -109,6 +109,10 @@ class BuildReport:
 ProgressCallback = Callable[[Progress], None]
 
 
+# Decode JPEGs on the device in batches of at most this many pixels (600 MB as RGB).
+JPEG_BATCH_PIXELS = 200_000_000
+
+
 class _Row(NamedTuple):
     id: int
     raw: bytes
@@ -124,6 +128,8 @@ class _Read:
 
     image: NewImage
     tensor: torch.Tensor | None
+    jpeg: bytes | None = None  # a JPEG left for the network's device to decode
+    orientation: int = 1  # its EXIF orientation
 
 
 def build(
@@ -134,9 +140,15 @@ def build(
     workers: int | None = None,
     max_pixels: int | None = None,
     remove_missing: bool = True,
+    decode: str = "cpu",
 ) -> BuildReport:
-    """Bring the index up to date with the images under ``roots``. See the module docstring."""
-    return _Build(store, vectorizer, progress, max_pixels).run(roots, workers, remove_missing)
+    """Bring the index up to date with the images under ``roots``. See the module docstring.
+    ``decode="device"`` leaves JPEGs to the network's device (nvJPEG on a GPU), in batches."""
+    if decode not in ("cpu", "device"):
+        raise ValueError(f"decode must be 'cpu' or 'device', not {decode!r}")
+    return _Build(store, vectorizer, progress, max_pixels, decode == "device").run(
+        roots, workers, remove_missing
+    )
 
 
 class _Build:
@@ -146,8 +158,11 @@ class _Build:
         vectorizer: Vectorizer,
         progress: ProgressCallback | None,
         max_pixels: int | None,
+        decode_on_device: bool = False,
     ):
         self.store = store
+        self.decode_on_device = decode_on_device
+        self.jpegs: list[_Read] = []  # read, waiting for a batch decode on the device
         self.vectorizer = vectorizer
         self.progress = progress
         self.max_pixels = max_pixels if max_pixels is not None else vectorizer.max_pixels
@@ -237,6 +252,13 @@ class _Build:
             if sha in known_shas and not force_decode:
                 image = NewImage(path, sha, len(data), st.st_mtime, 0, 0)
                 return _Read(image, None)  # dimensions come from the entry with this content
+            if self.decode_on_device and not force_decode:
+                header = device_decodable_jpeg(data, name, self.max_pixels)
+                if header is not None:
+                    w, h = header.width, header.height
+                    w, h = (h, w) if header.orientation >= 5 else (w, h)
+                    image = NewImage(path, sha, len(data), st.st_mtime, w, h)
+                    return _Read(image, None, data, header.orientation)
             pixels = decode_image_bytes(
                 data, name, self.max_pixels, self.vectorizer.preprocessing.draft_to
             )
@@ -282,6 +304,14 @@ class _Build:
             elif outcome.image.sha256 in self.twins_waiting:
                 # The same content is already waiting to be embedded: copy its vector later.
                 self.twins_waiting[outcome.image.sha256].append(outcome)
+            elif outcome.jpeg is not None:
+                self.twins_waiting[outcome.image.sha256] = []
+                self.jpegs.append(outcome)
+                pending += 1
+                # A batch, or fewer very large pictures (their pixels all land on the device).
+                pixels = sum(r.image.width * r.image.height for r in self.jpegs)
+                if len(self.jpegs) >= batch_size or pixels >= JPEG_BATCH_PIXELS:
+                    pending -= self._decode_jpegs(buckets)
             elif outcome.tensor is None:
                 # Its only twin was replaced earlier in this build: embed it after all.
                 self._queue_alone(path, buckets)
@@ -295,12 +325,60 @@ class _Build:
                 pending -= len(buckets[shape])
                 self._embed(buckets.pop(shape))
             self._notify()
+        if self.jpegs:
+            self._decode_jpegs(buckets)
         for shape in list(buckets):
             self._embed(buckets.pop(shape))
         if self.skips_to_record:
             self.store.record_skipped(self.skips_to_record)
             self.skips_to_record.clear()
         self._notify()
+
+    def _decode_jpegs(self, buckets: dict[tuple[int, ...], list[_Read]]) -> int:
+        """Decode the waiting JPEGs in one batch on the network's device, resize them there and
+        put them in their buckets. Returns how many failed (they are skipped with a reason)."""
+        import torch
+
+        ImageReadMode, decode_jpeg = _torchvision_decoder()
+        items, self.jpegs = self.jpegs, []
+        device = self.vectorizer.device
+        data = [torch.frombuffer(bytearray(r.jpeg or b""), dtype=torch.uint8) for r in items]
+        try:
+            decoded: list[Any] = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+        except Exception:  # one file the decoder refuses fails the batch: decode each alone
+            decoded = [None] * len(items)
+        failed = 0
+        for read, pixels, one in zip(items, decoded, data, strict=True):
+            name = os.fsdecode(read.image.path)
+            try:
+                upright = self._upright(read, pixels, one, name)
+                read.tensor = self.vectorizer.preprocessing.resize(upright, name)
+            except ImageError as exc:
+                failed += 1
+                self.skip(read.image.path, exc.reason)
+                self.state.done += 1
+                for twin in self.twins_waiting.pop(read.image.sha256, []):
+                    self.skip(twin.image.path, exc.reason)
+                    self.state.done += 1
+                continue
+            read.jpeg = None
+            buckets[self.vectorizer.group_key(read.tensor)].append(read)
+        return failed
+
+    def _upright(self, read: _Read, pixels: Any, data: Any, name: str) -> Any:
+        """Upright ``H x W x 3`` pixels of a JPEG: as decoded in the batch, else decoded alone on
+        the device, else (a JPEG the device decoder refuses) by Pillow on the CPU, which also
+        gives the reason when the file is broken."""
+        import torch
+
+        ImageReadMode, decode_jpeg = _torchvision_decoder()
+        if pixels is None:
+            try:
+                pixels = decode_jpeg(data, mode=ImageReadMode.RGB, device=self.vectorizer.device)
+            except Exception:
+                rgb = decode_image_bytes(read.jpeg or b"", name, self.max_pixels, None)
+                return torch.from_numpy(rgb).to(self.vectorizer.device)
+        return orient(pixels.permute(1, 2, 0), read.orientation)
 
     def _queue_alone(self, path: Path, buckets: dict[tuple[int, ...], list[_Read]]) -> None:
         try:
@@ -428,6 +506,23 @@ def default_workers(device: str) -> int:
     core about 3 ms, so a GPU embedding 2,000 images/s needs most of a 16-core host's cores.
     """
     return 0 if device == "cpu" else max(1, min(16, (os.cpu_count() or 1) - 2))
+
+
+def _torchvision_decoder() -> tuple[Any, Any]:
+    """torchvision's JPEG decoder (nvJPEG on a GPU). torchvision 0.29 warns that its image
+    decoding moves to TorchCodec; the warning says nothing a user of imgindex can act on."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        import torchvision.io
+
+    def decode_jpeg(*args: Any, **kwargs: Any) -> Any:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return torchvision.io.decode_jpeg(*args, **kwargs)
+
+    return torchvision.io.ImageReadMode, decode_jpeg
 
 
 @contextlib.contextmanager

@@ -390,16 +390,20 @@ class Preprocessing:
                 f"(limit {self.max_aspect_ratio:.0f}:1)",
             )
 
-    def resize(self, rgb: np.ndarray, name: str = "<image>") -> torch.Tensor:
-        """H x W x 3 uint8 RGB -> 3 x h x w uint8 tensor with the short side at ``short_side``."""
+    def resize(self, rgb: np.ndarray | torch.Tensor, name: str = "<image>") -> torch.Tensor:
+        """H x W x 3 uint8 RGB (an array, or a tensor on any device) -> 3 x h x w uint8 tensor
+        with the short side at ``short_side``."""
         import torch
 
         height, width = rgb.shape[:2]
         self.check(width, height, name)
         new_w, new_h = self.target_size(width, height)
-        if not (rgb.flags.c_contiguous and rgb.flags.writeable):
-            rgb = rgb.copy()  # torch wants its own, forward-strided buffer
-        pixels = torch.from_numpy(rgb)
+        if isinstance(rgb, torch.Tensor):
+            pixels = rgb
+        else:
+            if not (rgb.flags.c_contiguous and rgb.flags.writeable):
+                rgb = rgb.copy()  # torch wants its own, forward-strided buffer
+            pixels = torch.from_numpy(rgb)
         if (new_w, new_h) != (width, height):
             pixels = opencv_bilinear_resize(pixels, new_w, new_h)
         return pixels.permute(2, 0, 1).contiguous()
