@@ -71,11 +71,24 @@ def score_rankings(
 ) -> RetrievalScores:
     """Scores for queries whose results (the query itself left out) have ``ranked_labels``;
     ``relevant_counts[i]`` is how many images in the collection are relevant to query i."""
+    return _summarize(
+        (
+            (np.array([r == label for r in ranked], dtype=bool), total)
+            for label, ranked, total in zip(
+                query_labels, ranked_labels, relevant_counts, strict=True
+            )
+        ),
+        ks,
+    )
+
+
+def _summarize(queries: Iterable[tuple[np.ndarray, int]], ks: Sequence[int]) -> RetrievalScores:
+    """Scores from each query's relevance flags (best first) and its count of relevant images
+    in the collection; queries with none are left out."""
     aps, recalls, precisions = [], {k: [] for k in ks}, {k: [] for k in ks}
-    for label, ranked, total in zip(query_labels, ranked_labels, relevant_counts, strict=True):
+    for flags, total in queries:
         if total == 0:
             continue
-        flags = np.array([r == label for r in ranked], dtype=bool)
         aps.append(average_precision(flags, total))
         for k in ks:
             recalls[k].append(bool(flags[:k].any()))
@@ -190,30 +203,20 @@ def score_ranked(
     for lab, grp in zip(label_codes.tolist(), group_codes.tolist(), strict=True):
         if grp >= 0:
             pair_counts[(lab, grp)] = pair_counts.get((lab, grp), 0) + 1
-    aps, recalls, precisions = [], {k: [] for k in ks}, {k: [] for k in ks}
-    for query, ranked in rankings:
-        lab, grp = label_codes[query], group_codes[query]
-        ranked = np.asarray(ranked, dtype=np.int64)
-        keep = ranked != query
-        if grp >= 0:
-            keep &= ~((label_codes[ranked] == lab) & (group_codes[ranked] == grp))
-            total = int(per_label[lab]) - pair_counts[(lab, grp)]
-        else:
-            total = int(per_label[lab]) - 1
-        if total == 0:
-            continue
-        flags = label_codes[ranked[keep]] == lab
-        aps.append(average_precision(flags, total))
-        for k in ks:
-            recalls[k].append(bool(flags[:k].any()))
-            precisions[k].append(flags[:k].sum() / k)
-    n = len(aps)
-    return RetrievalScores(
-        queries=n,
-        mean_average_precision=float(np.mean(aps)) if n else 0.0,
-        recall_at={k: float(np.mean(v)) if n else 0.0 for k, v in recalls.items()},
-        precision_at={k: float(np.mean(v)) if n else 0.0 for k, v in precisions.items()},
-    )
+
+    def queries() -> Iterator[tuple[np.ndarray, int]]:
+        for query, ranked in rankings:
+            lab, grp = label_codes[query], group_codes[query]
+            ranked = np.asarray(ranked, dtype=np.int64)
+            keep = ranked != query
+            if grp >= 0:
+                keep &= ~((label_codes[ranked] == lab) & (group_codes[ranked] == grp))
+                total = int(per_label[lab]) - pair_counts[(lab, grp)]
+            else:
+                total = int(per_label[lab]) - 1
+            yield label_codes[ranked[keep]] == lab, total
+
+    return _summarize(queries(), ks)
 
 
 def exact_rankings(

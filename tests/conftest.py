@@ -62,6 +62,25 @@ def use_fake_model(monkeypatch: pytest.MonkeyPatch) -> type[FakeVectorizer]:
     return FakeVectorizer
 
 
+@pytest.fixture
+def run(use_fake_model):
+    """Run the command line in this process (with the stand-in model): ``run("build", path)``.
+    Checks the exit status is 0 unless ``ok=False``; returns click's result."""
+    from click.testing import CliRunner
+
+    from imgindex.cli import cli
+
+    runner = CliRunner()
+
+    def invoke(*args, ok=True):
+        result = runner.invoke(cli, [str(a) for a in args], catch_exceptions=False)
+        if ok:
+            assert result.exit_code == 0, result.output + result.stderr
+        return result
+
+    return invoke
+
+
 @pytest.fixture(scope="session")
 def augnet() -> Vectorizer:
     """The real AugNet with imgsim's weights, on the CPU."""

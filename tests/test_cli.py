@@ -7,24 +7,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
-
-from imgindex.cli import cli
 
 from .conftest import DATA
-
-
-@pytest.fixture
-def run(use_fake_model):
-    runner = CliRunner()
-
-    def invoke(*args, ok=True):
-        result = runner.invoke(cli, [str(a) for a in args], catch_exceptions=False)
-        if ok:
-            assert result.exit_code == 0, result.output + result.stderr
-        return result
-
-    return invoke
 
 
 def test_build_then_query_then_info(run, tmp_path, photos):

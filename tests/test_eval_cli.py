@@ -5,24 +5,9 @@ import json
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 import imgindex
-from imgindex.cli import cli
 from imgindex.evaluate import evaluate_vectors
-
-
-@pytest.fixture
-def run(use_fake_model):
-    runner = CliRunner()
-
-    def invoke(*args, ok=True):
-        result = runner.invoke(cli, [str(a) for a in args], catch_exceptions=False)
-        if ok:
-            assert result.exit_code == 0, result.output + result.stderr
-        return result
-
-    return invoke
 
 
 def folder_truth(index_path, metric):
