@@ -279,7 +279,8 @@ class Evaluation:
         }
 
 
-# Ranking every image against every other costs N^2; past this many images, rank the top 1,000.
+# Ranking every image against every other costs N^2; past this many images (or with an
+# approximate index, whose search answers a top-k), rank the top 1,000.
 FULL_DEPTH_LIMIT = 20_000
 
 
@@ -292,8 +293,9 @@ def evaluate_index(
     **search_options: Any,
 ) -> Evaluation:
     """Retrieval quality of ``index`` (an :class:`imgindex.Index`) on the images ``labels``
-    names: each labelled image is a query, ranked by the index's own search (so an approximate
-    index type shows what it costs), among the labelled images only. ``metrics`` defaults to
+    names: each labelled image is a query, ranked among the labelled images only, by the
+    index's own search for an approximate index type (so it shows what that costs), by exact
+    search over the stored vectors (the same ranking) for the flat one. ``metrics`` defaults to
     those the index serves; ``search_options`` go to ``search_by_vector`` (nprobe, ef_search).
     """
     records = [r for r in index.records() if r.path in labels.label]
@@ -309,14 +311,20 @@ def evaluate_index(
     names = [labels.label[r.path] for r in records]
     groups = [labels.group.get(r.path) for r in records] if labels.group else None
     n = len(ids)
+    exact = bool(index.info()["exact"])
     if depth is None:
-        depth = n - 1 if n <= FULL_DEPTH_LIMIT else 1000
+        depth = n - 1 if exact and n <= FULL_DEPTH_LIMIT else min(n - 1, 1000)
     depth = max(1, min(depth, n - 1))
     # Other indexed images may come between the labelled ones: ask for enough to skip them.
     fetch = min(index.count(), depth + 1 + index.count() - n)
     vectors = index.vectors(ids)
     scores = {}
     for metric in metrics:
+        if exact:
+            # The flat index's search is exact (re-scored in float64): rank the same way here,
+            # among the labelled images only, without making a result object per pair.
+            scores[metric] = score_ranked(exact_rankings(vectors, metric, depth), names, groups, ks)
+            continue
 
         def rankings(metric: str = metric) -> Iterator[tuple[int, np.ndarray]]:
             for start in range(0, n, 64):

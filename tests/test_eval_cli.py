@@ -103,3 +103,15 @@ def test_eval_csv_relative_to_its_folder_and_missing_files(run, tmp_path, photos
     assert out["images"] == 12 and out["labels"] == 2 and out["not_indexed"] == 1
     assert 0.0 <= out["metrics"]["l2"]["mAP"] <= 1.0
     assert np.isclose(out["metrics"]["l2"]["recall@10"], 1.0)
+
+
+def test_eval_ranks_with_an_approximate_index_own_search(run, tmp_path, photos):
+    flat, hnsw = tmp_path / "flat", tmp_path / "hnsw"
+    run("build", photos, "--index", flat)
+    run("build", photos, "--index", hnsw, "--index-type", "hnsw")
+    assert "HNSW" in run("info", "--index", hnsw).stdout
+    exact = json.loads(run("eval", photos, "--index", flat, "--json").stdout)
+    approximate = json.loads(run("eval", photos, "--index", hnsw, "--json").stdout)
+    # HNSW serves the metric it was built for; on 36 images its search finds everything.
+    assert list(approximate["metrics"]) == ["l2"] and approximate["depth"] == 35
+    assert approximate["metrics"]["l2"] == pytest.approx(exact["metrics"]["l2"])
