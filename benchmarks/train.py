@@ -142,7 +142,7 @@ def main() -> None:
     )
     print(
         f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, GPU {gpu}, torch "
-        f"{torch.__version__}; device {device}, {workers} view workers\n"
+        f"{torch.__version__}; device {device}, {report.workers} view workers\n"
     )
     print(f"{'step':>7}{'mAP l2':>9}{'mAP cos':>9}{'R@10 l2':>9}{'P@10 l2':>9}")
     for e in report.evaluations:

@@ -1083,8 +1083,8 @@ def train(
     how["interrupt"] = "interrupted"
     click.echo(
         f"Trained {report.steps_this_run} steps ({report.steps} in all) in "
-        f"{_duration(report.seconds)}, {report.views_per_second:.0f} views/s "
-        f"({how[report.stopped_by]})."
+        f"{_duration(report.seconds)}, {report.views_per_second:.0f} views/s with "
+        f"{report.workers} view workers ({how[report.stopped_by]})."
     )
     if report.history:
         first = report.history[0]

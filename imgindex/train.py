@@ -144,6 +144,7 @@ class TrainReport:
     views_per_second: float  # training steps only (evaluation and checkpoints left out)
     seconds: float
     stopped_by: str  # "steps", "minutes" or "interrupt"
+    workers: int = 0  # processes that cut views (0: the main process)
     evaluations: list[EvalResult] = field(default_factory=list)  # this run's
     history: list[dict[str, Any]] = field(default_factory=list)  # every run's, oldest first
     unreadable: list[tuple[str, str]] = field(default_factory=list)
@@ -157,6 +158,7 @@ class TrainReport:
             "views_per_second": self.views_per_second,
             "seconds": self.seconds,
             "stopped_by": self.stopped_by,
+            "workers": self.workers,
             "evaluations": self.history,
             "unreadable": [{"path": p, "reason": r} for p, r in self.unreadable],
         }
@@ -601,6 +603,8 @@ def train(
     per_step = min(options.images_per_step, len(images))
     source = ViewSource(images, options.views_per_image, options.crop_size, seed)
     workers = _default_workers(device) if workers is None else workers
+    batch_bytes = per_step * options.views_per_image * options.crop_size**2 * 3
+    workers = _fit_shared_memory(workers, batch_bytes)
     loader = torch.utils.data.DataLoader(
         source,
         batch_sampler=_Batches(len(images), per_step, seed, start_step),
@@ -748,6 +752,7 @@ def train(
         views_per_second=views_done / train_seconds if train_seconds else 0.0,
         seconds=time.monotonic() - started,
         stopped_by=stopped_by,
+        workers=workers,
         evaluations=evaluations,
         history=history,
         unreadable=sorted(unreadable.items()),
@@ -780,6 +785,24 @@ def _training_mode(network: torch.nn.Module, bn_frozen: bool) -> None:
         for module in network.modules():
             if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
                 module.eval()
+
+
+def _fit_shared_memory(workers: int, batch_bytes: int, folder: str = "/dev/shm") -> int:
+    """As many workers as the shared memory can carry batches for (each has 2 in flight, plus
+    one being copied out). Containers often give /dev/shm only 64 MB, where 14 workers of 58 MB
+    batches would crash the run with a bus error minutes in; fewer workers only slow it."""
+    import shutil
+
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return workers
+    fitting = int(free * 0.8) // (3 * batch_bytes)
+    if workers > fitting:
+        if fitting < 1:
+            return 0  # views are cut in the main process, which needs no shared memory
+        return fitting
+    return workers
 
 
 def _default_workers(device: str) -> int:

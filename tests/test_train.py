@@ -235,3 +235,19 @@ def test_fine_tuning_the_real_augnet(tmp_path):
     assert not torch.equal(stock["0.fc.weight"], tuned["0.fc.weight"])
     vector = Vectorizer(device="cpu", weights=out).vectorize(DATA / "pizza" / "image_0001.jpg")
     assert vector.shape == (768,) and np.isfinite(vector).all()
+
+
+def test_workers_fit_the_shared_memory(monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    from imgindex.train import _fit_shared_memory
+
+    usage = namedtuple("usage", "total used free")
+    batch = 48 * 8 * 224 * 224 * 3  # 58 MB
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: usage(64 << 20, 0, 64 << 20))
+    assert _fit_shared_memory(14, batch) == 0  # a container's 64 MB: cut views in-process
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: usage(1 << 30, 0, 1 << 30))
+    assert _fit_shared_memory(14, batch) == 4
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: usage(64 << 30, 0, 64 << 30))
+    assert _fit_shared_memory(14, batch) == 14
