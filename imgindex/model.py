@@ -655,10 +655,9 @@ class Vectorizer:
 
         if self._padded is None:
             return self.embed_batch(torch.stack(list(tensors)))
-        # The batch is padded too, to a power of two (at least 8, at most the batch size):
-        # cuDNN's plans depend on the batch size as well as the image shape.
-        rows = min(max(8, 1 << (len(tensors) - 1).bit_length()), max(self.batch_size, 8))
-        rows = max(rows, len(tensors))
+        # The batch is padded too, to a power of two (at most the batch size): cuDNN's plans
+        # depend on the batch size as well as the image shape.
+        rows = max(min(1 << (len(tensors) - 1).bit_length(), self.batch_size), len(tensors))
         _, height, width = self.group_key(tensors[0])
         batch = tensors[0].new_zeros((rows, 3, height, width))
         sizes = torch.full((rows, 2), 1, dtype=torch.int64)
