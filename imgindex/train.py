@@ -569,7 +569,7 @@ def train(
             "and replace it (--force)"
         )
 
-    state = _resume_state(last, options, resume)
+    state = _resume_state(last, resume)
     if state is not None:
         options = state["options"]
     seed = options.seed if options.seed is not None else random.SystemRandom().randrange(2**31)
@@ -595,10 +595,11 @@ def train(
         start_step = int(state["training"]["step"])
         history = list(state["meta"].get("eval", []))
         best = float(state["training"].get("best", -1.0))
+    # Restored when training ends: the caller's process may embed images of many shapes next.
+    saved_flags = (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32)
     if on_gpu:
         torch.backends.cudnn.benchmark = True  # one input shape for the whole run
         torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
 
     per_step = min(options.images_per_step, len(images))
     source = ViewSource(images, options.views_per_image, options.crop_size, seed)
@@ -737,6 +738,7 @@ def train(
         stopped_by = "interrupt"
     finally:
         del batches
+        torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32 = saved_flags
     if on_gpu:
         torch.cuda.synchronize()
     train_seconds = time.monotonic() - started - paused
@@ -759,7 +761,7 @@ def train(
     )
 
 
-def _resume_state(last: Path, options: TrainOptions, resume: bool) -> dict[str, Any] | None:
+def _resume_state(last: Path, resume: bool) -> dict[str, Any] | None:
     if not resume:
         return None
     if not last.exists():
