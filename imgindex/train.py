@@ -699,6 +699,11 @@ def train(
                     if on_unreadable:
                         on_unreadable(name, reason)
             if views is None or len(views) < 2:
+                if len(unreadable) > len(images) - 2:
+                    raise ImgIndexError(
+                        f"fewer than two of the {len(images)} training images can be read "
+                        f"(first: {next(iter(unreadable))}: {next(iter(unreadable.values()))})"
+                    )
                 continue
             count = len(views)
             # Workers hand over K x S x S x 3 crops: as N x 3 x S x S they are channels_last.

@@ -18,7 +18,7 @@ from imgindex.files import walk_images
 from imgindex.model import AUGNET_SHA256, Vectorizer, build_network, read_checkpoint
 from imgindex.train import EvalSet, TrainOptions, last_path, photometric, train
 
-from .conftest import DATA
+from .conftest import DATA, random_image
 
 TINY = {"arch": "resnet18", "init": "scratch", "crop_size": 64, "views_per_image": 2}
 
@@ -251,3 +251,14 @@ def test_workers_fit_the_shared_memory(monkeypatch):
     assert _fit_shared_memory(14, batch) == 4
     monkeypatch.setattr(shutil, "disk_usage", lambda _: usage(64 << 30, 0, 64 << 30))
     assert _fit_shared_memory(14, batch) == 14
+
+
+def test_training_on_unreadable_images_stops_with_a_reason(tmp_path):
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    (folder / "a.jpg").write_text("not a picture")
+    (folder / "b.jpg").write_bytes(b"")
+    random_image(folder / "c.png")
+    with pytest.raises(imgindex.ImgIndexError, match="fewer than two of the 3 training images"):
+        train(sorted(folder.iterdir()), tmp_path / "ft.pth", TrainOptions(**TINY, seed=0),
+              steps=5, device="cpu")  # fmt: skip
