@@ -1052,6 +1052,13 @@ def train(
         eval_set = _eval_set(eval_dir, eval_labels, EvalSet)
         say(f"Evaluation set: {len(eval_set)} images, {len(set(eval_set.labels))} labels.")
     say(f"Training on {len(images)} images (no labels used).")
+    from imgindex.model import resolve_device
+
+    if resolve_device(device) == "cpu" and arch == "resnet50":
+        say(
+            "No GPU: a ResNet50 trains at a few views per second on a CPU (a GPU does "
+            "thousands). For a CPU, try --arch resnet18 --init scratch and a smaller --crop-size."
+        )
     line = TrainProgressLine(progress and not as_json)
 
     def on_eval(result: Any) -> None:
