@@ -1056,8 +1056,9 @@ def train(
 
     if resolve_device(device) == "cpu" and arch == "resnet50":
         say(
-            "No GPU: a ResNet50 trains at a few views per second on a CPU (a GPU does "
-            "thousands). For a CPU, try --arch resnet18 --init scratch and a smaller --crop-size."
+            "No GPU: a ResNet50 trained at about 20 views/s on 2 CPU cores with 96-pixel crops "
+            "(an H100: 2,500 at 224). On a CPU, try a smaller --crop-size, or --arch resnet18 "
+            "--init scratch."
         )
     line = TrainProgressLine(progress and not as_json)
 
