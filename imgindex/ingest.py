@@ -272,29 +272,17 @@ class _Build:
     # -- the main loop ----------------------------------------------------------------------
 
     def _process(self, todo: list[Path], workers: int | None) -> None:
-        batch_size = self.vectorizer.batch_size
-        buckets: dict[tuple[int, ...], list[_Read]] = defaultdict(list)
-        pending = 0
         known_shas = frozenset(self.by_sha)
         if workers is None:
             workers = default_workers(self.vectorizer.device)
+        ahead = 4 * self.vectorizer.batch_size
         with _one_thread_per_reader(workers > 0 and self.vectorizer.device != "cpu"):
-            self._consume(
-                _map_bounded(
-                    lambda p: self.read(p, known_shas), todo, workers, ahead=4 * batch_size
-                ),
-                buckets,
-                pending,
-                batch_size,
-            )
+            self._consume(_map_bounded(lambda p: self.read(p, known_shas), todo, workers, ahead))
 
-    def _consume(
-        self,
-        results: Iterator[tuple[Path, _Read | ImageError]],
-        buckets: dict[tuple[int, ...], list[_Read]],
-        pending: int,
-        batch_size: int,
-    ) -> None:
+    def _consume(self, results: Iterator[tuple[Path, _Read | ImageError]]) -> None:
+        batch_size = self.vectorizer.batch_size
+        buckets: dict[tuple[int, ...], list[_Read]] = defaultdict(list)
+        pending = 0
         for path, outcome in results:
             if isinstance(outcome, ImageError):
                 self.skip(path, outcome.reason)
@@ -377,7 +365,7 @@ class _Build:
                 pixels = decode_jpeg(data, mode=ImageReadMode.RGB, device=self.vectorizer.device)
             except Exception:
                 rgb = decode_image_bytes(read.jpeg or b"", name, self.max_pixels, None)
-                return torch.from_numpy(rgb).to(self.vectorizer.device)
+                return torch.from_numpy(rgb.copy()).to(self.vectorizer.device)
         return orient(pixels.permute(1, 2, 0), read.orientation)
 
     def _queue_alone(self, path: Path, buckets: dict[tuple[int, ...], list[_Read]]) -> None:

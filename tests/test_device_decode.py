@@ -104,3 +104,28 @@ def test_decode_option_on_the_command_line(tmp_path, photos, use_fake_model):
     )
     assert result.exit_code == 0, result.stderr
     assert "Embedded 36 images" in result.stdout
+
+
+def test_a_jpeg_the_device_decoder_refuses_is_decoded_on_the_cpu(
+    tmp_path, photos, fake_vectorizer, monkeypatch
+):
+    import torchvision.io
+
+    real_decode = torchvision.io.decode_jpeg
+    refused = (photos / "pizza" / "image_0003.jpg").read_bytes()
+
+    def picky(data, **kwargs):  # like nvJPEG meeting a JPEG variant it does not support
+        items = data if isinstance(data, list) else [data]
+        if any(bytes(t.numpy()) == refused for t in items):
+            raise RuntimeError("unsupported JPEG")
+        return real_decode(data, **kwargs)
+
+    with imgindex.Index.create(tmp_path / "cpu", vectorizer=fake_vectorizer) as index:
+        index.sync(photos / "pizza")
+        expected = {r.path: index.vectors([r.id])[0] for r in index.records()}
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", picky)
+    with imgindex.Index.create(tmp_path / "dev", vectorizer=fake_vectorizer) as index:
+        report = index.sync(photos / "pizza", decode="device")
+        got = {r.path: index.vectors([r.id])[0] for r in index.records()}
+    assert report.added == 6 and not report.skipped
+    assert max(np.abs(got[p] - expected[p]).max() for p in expected) < 1e-6
