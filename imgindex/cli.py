@@ -832,7 +832,6 @@ def evaluate(
     from --labels CSV. Without --index, the images are embedded into a temporary index first
     (with --weights and --preset), so checkpoints and presets can be compared.
     """
-    import dataclasses
     import tempfile
 
     from imgindex.evaluate import evaluate_index, labels_from_csv, labels_from_folders
@@ -848,21 +847,10 @@ def evaluate(
 
     def run(index: Any, skipped: int) -> None:
         if csv_labels is not None:
-            labels = csv_labels
-            if folders:
-                roots = [os.path.abspath(f) for f in folders]
-                keep = {
-                    p: v
-                    for p, v in labels.label.items()
-                    if any(p == r or p.startswith(r.rstrip(os.sep) + os.sep) for r in roots)
-                }
-                labels = dataclasses.replace(labels, label=keep)
+            labels = csv_labels.under(folders) if folders else csv_labels
         else:
-            paths = [r.path for r in index.records()]
-            if folders:
-                roots = [os.path.abspath(f).rstrip(os.sep) for f in folders]
-                paths = [p for p in paths if any(p.startswith(r + os.sep) for r in roots)]
-            labels = labels_from_folders(paths, folders)
+            labels = labels_from_folders([r.path for r in index.records()], folders)
+            labels = labels.under(folders) if folders else labels
         result = evaluate_index(index, labels, metrics or None, ks, depth)
         if as_json:
             print_json({"index": index_path and str(index_path), "labels_from": labels.source,
@@ -1114,22 +1102,13 @@ def _eval_set(eval_dir: Path | None, eval_labels: Path | None, eval_set_type: An
     if eval_labels is not None:
         labels = labels_from_csv(eval_labels)
         if eval_dir is not None:
-            root = os.path.abspath(eval_dir).rstrip(os.sep) + os.sep
-            labels = dataclasses_replace(
-                labels, label={p: v for p, v in labels.label.items() if p.startswith(root)}
-            )
+            labels = labels.under([eval_dir])
         paths = sorted(labels.label)
     else:
         paths = [os.path.abspath(p) for p in walk_images([eval_dir])]
         labels = labels_from_folders(paths, [eval_dir])
     groups = [labels.group.get(p) for p in paths] if labels.group else None
     return eval_set_type([Path(p) for p in paths], [labels.label[p] for p in paths], groups)
-
-
-def dataclasses_replace(obj: Any, **changes: Any) -> Any:
-    import dataclasses
-
-    return dataclasses.replace(obj, **changes)
 
 
 class TrainProgressLine:

@@ -24,13 +24,14 @@ from __future__ import annotations
 import csv
 import os
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from imgindex.errors import ImgIndexError
+from imgindex.files import is_under
 
 DEFAULT_KS = (1, 5, 10)
 
@@ -117,6 +118,12 @@ class Labels:
     def __len__(self) -> int:
         return len(self.label)
 
+    def under(self, roots: Sequence[str | os.PathLike[str]]) -> Labels:
+        """Only the images that lie under one of ``roots``."""
+        texts = [os.path.abspath(os.fsdecode(r)) for r in roots]
+        keep = {p: v for p, v in self.label.items() if any(is_under(p, r) for r in texts)}
+        return replace(self, label=keep)
+
 
 def labels_from_folders(paths: Iterable[str], roots: Sequence[str | os.PathLike[str]]) -> Labels:
     """Each image's label is its folder relative to the root it lies under (``cats/x.jpg`` ->
@@ -126,7 +133,7 @@ def labels_from_folders(paths: Iterable[str], roots: Sequence[str | os.PathLike[
     out = {}
     for path in paths:
         folder = os.path.dirname(path)
-        root = next((r for r in resolved if folder == r or folder.startswith(r + os.sep)), None)
+        root = next((r for r in resolved if is_under(folder, r)), None)
         if root is None:
             out[path] = os.path.basename(folder)
         else:

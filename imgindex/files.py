@@ -22,6 +22,12 @@ def is_image_name(path: str | os.PathLike[str]) -> bool:
     return os.path.splitext(os.fspath(path))[1].lower() in IMAGE_SUFFIXES
 
 
+def is_under(path: str, root: str) -> bool:
+    """True when ``path`` is ``root`` or lies inside it (both absolute text paths)."""
+    root = root.rstrip(os.sep)
+    return path == root or path.startswith(root + os.sep)
+
+
 OnError = Callable[[Path, str], None]
 
 

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from imgindex.decode import decode_image_bytes, device_decodable_jpeg, orient, read_file
 from imgindex.errors import ImageError, ImgIndexError
-from imgindex.files import walk_images
+from imgindex.files import is_under, walk_images
 from imgindex.store import NewImage, Store, path_text
 
 if TYPE_CHECKING:
@@ -477,11 +477,7 @@ class _Build:
 
 
 def _under(text: str, roots: list[Path]) -> bool:
-    for root in roots:
-        root_text = path_text(root)
-        if text == root_text or text.startswith(root_text.rstrip(os.sep) + os.sep):
-            return True
-    return False
+    return any(is_under(text, path_text(root)) for root in roots)
 
 
 def default_workers(device: str) -> int:

@@ -140,3 +140,15 @@ def test_labels_from_csv(tmp_path):
         labels_from_csv(csv_file)
     with pytest.raises(ImgIndexError, match="cannot read labels"):
         labels_from_csv(tmp_path / "missing.csv")
+
+
+def test_labels_under_folders(tmp_path):
+    csv_file = tmp_path / "labels.csv"
+    csv_file.write_text("path,label\na/1.jpg,x\na/b/2.jpg,y\nab/3.jpg,z\n4.jpg,w\n")
+    labels = labels_from_csv(csv_file)
+    assert sorted(labels.under([tmp_path / "a"]).label.values()) == ["x", "y"]
+    assert sorted(labels.under([tmp_path / "ab", tmp_path / "4.jpg"]).label.values()) == [
+        "w",
+        "z",
+    ]
+    assert labels.under([tmp_path / "a"]).source == labels.source
