@@ -565,6 +565,28 @@ class Vectorizer:
         else:
             self.network, self._input_format = self._optimize(network)
 
+    @classmethod
+    def around(
+        cls, network: torch.nn.Module, device: str, precision: str = "fp32", batch_size: int = 64
+    ) -> Vectorizer:
+        """A Vectorizer embedding with ``network`` as it is (one being trained, say) on
+        ``device``: exact preprocessing, no weights file, padded batches on a GPU as usual."""
+        import torch
+
+        self = cls.__new__(cls)
+        self.device = device
+        self.batch_size = batch_size
+        self.max_pixels = DEFAULT_MAX_PIXELS
+        self.preprocessing = PRESETS["exact"]
+        self.precision = precision
+        self.weights = Weights(path=Path("<in memory>"), sha256="", is_default=False)
+        self.pad_batches = device != "cpu" and _is_augnet(network)
+        self.network = network
+        self._padded = PaddedForward(network) if self.pad_batches else None
+        on_gpu = device != "cpu"
+        self._input_format = torch.channels_last if on_gpu else torch.contiguous_format
+        return self
+
     def _optimize(self, network: torch.nn.Module, script: bool = True) -> tuple[Any, Any]:
         """The network prepared for fast inference on this device, and the memory format its
         input should have. Either way the vectors move by less than 1e-5.

@@ -33,7 +33,6 @@ import math
 import os
 import random
 import time
-from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -48,6 +47,7 @@ from imgindex.model import (
     ARCHS,
     EMBEDDING_DIM,
     PRESETS,
+    Vectorizer,
     build_network,
     load_network,
     network_arch,
@@ -464,36 +464,22 @@ class EvalSet:
     def __len__(self) -> int:
         return len(self.tensors)
 
-    def embed(self, network: torch.nn.Module, device: str, bf16: bool, batch: int = 64) -> Any:
+    def embed(self, network: torch.nn.Module, device: str, bf16: bool) -> Any:
+        """Vectors of the evaluation images by ``network`` as it is now, the way imgindex
+        embeds them (exact preprocessing, batches by shape)."""
         import torch
 
-        preprocessing = PRESETS["exact"]
-        out = np.empty((len(self.tensors), EMBEDDING_DIM), dtype=np.float32)
-        by_shape: dict[tuple[int, ...], list[int]] = defaultdict(list)
-        for i, t in enumerate(self.tensors):
-            by_shape[tuple(t.shape)].append(i)
+        vectorizer = Vectorizer.around(network, device, "bf16" if bf16 else "fp32")
         was_training = network.training
         network.eval()
         # cuDNN's autotuner would re-tune for every one of the many image shapes: off here.
         benchmark = torch.backends.cudnn.benchmark
         torch.backends.cudnn.benchmark = False
         try:
-            with (
-                torch.inference_mode(),
-                torch.autocast(
-                    device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=bf16
-                ),
-            ):
-                for indices in by_shape.values():
-                    for start in range(0, len(indices), batch):
-                        chunk = indices[start : start + batch]
-                        x = torch.stack([self.tensors[i] for i in chunk]).to(device)
-                        x = preprocessing.normalize(x).contiguous(memory_format=_memory(device))
-                        out[chunk] = network(x).float().cpu().numpy()
+            return vectorizer.embed_tensors(self.tensors)
         finally:
             torch.backends.cudnn.benchmark = benchmark
             network.train(was_training)
-        return out
 
     def score(self, network: torch.nn.Module, device: str, bf16: bool) -> dict[str, Any]:
         vectors = self.embed(network, device, bf16)
