@@ -33,11 +33,10 @@ from imgindex.train import (
     _Batches,
     _collate,
     _default_workers,
-    _normalize,
+    _memory,
     _start_network,
-    augnet_loss,
-    photometric,
     train,
+    train_step,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -198,8 +197,7 @@ def measure_steps(options: TrainOptions, device: str, seconds: float) -> float:
     and update, on random views already on the device."""
     network, _ = _start_network(options)
     on_gpu = device.startswith("cuda")
-    memory = torch.channels_last if on_gpu else torch.contiguous_format
-    network = network.to(device).to(memory_format=memory).train()
+    network = network.to(device).to(memory_format=_memory(device)).train()
     optimizer = torch.optim.AdamW(network.parameters(), lr=1e-6)
     n = options.images_per_step * options.views_per_image
     size = options.crop_size
@@ -208,15 +206,9 @@ def measure_steps(options: TrainOptions, device: str, seconds: float) -> float:
     torch.backends.cudnn.benchmark = True
 
     def step() -> None:
-        x = _normalize(photometric(views, generator)).contiguous(memory_format=memory)
-        with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16,
-                            enabled=on_gpu):  # fmt: skip
-            embeddings = network(x)
-        loss = augnet_loss(embeddings, options.images_per_step, options.loss)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        float(loss.detach())
+        loss = train_step(network, optimizer, views, options.images_per_step, options, generator,
+                          bf16=on_gpu)  # fmt: skip
+        float(loss.detach())  # wait for the device
 
     step()
     step()

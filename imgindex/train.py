@@ -700,15 +700,7 @@ def train(
                 group["lr"] = lr
             # Seeded per step, so a resumed run makes the same views as an uninterrupted one.
             generator.manual_seed(seed * 1_000_003 + step)
-            inputs = _normalize(photometric(x, generator)).contiguous(memory_format=_memory(device))
-            with torch.autocast(
-                device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=bf16
-            ):
-                embeddings = network(inputs)
-            loss = augnet_loss(embeddings, count, options.loss, options.temperature, options.margin)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            loss = train_step(network, optimizer, x, count, options, generator, bf16)
             views_done += count * options.views_per_image
             step += 1
             steps_since_checkpoint += 1
@@ -750,6 +742,33 @@ def train(
         history=history,
         unreadable=sorted(unreadable.items()),
     )
+
+
+def train_step(
+    network: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    views: torch.Tensor,
+    images: int,
+    options: TrainOptions,
+    generator: torch.Generator,
+    bf16: bool,
+) -> torch.Tensor:
+    """One step on ``views`` (``images x K`` uint8 crops on the training device, grouped by
+    image): photometric augmentation, forward pass, AugNet's loss, update. Returns the loss,
+    not yet read (reading it waits for the device)."""
+    import torch
+
+    device = views.device
+    inputs = _normalize(photometric(views, generator)).contiguous(
+        memory_format=_memory(str(device))
+    )
+    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
+        embeddings = network(inputs)
+    loss = augnet_loss(embeddings, images, options.loss, options.temperature, options.margin)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss
 
 
 def _resume_state(last: Path, resume: bool) -> dict[str, Any] | None:
