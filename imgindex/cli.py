@@ -143,37 +143,58 @@ class StageTimer:
 # Progress
 
 
-class ProgressLine:
-    """One self-rewriting status line on stderr, only when stderr is a terminal."""
+class StatusLine:
+    """A status line on stderr: rewritten in place on a terminal, at most every ``interval``
+    seconds; elsewhere (a log file, a job scheduler) printed as a plain line every ``log_every``
+    seconds, or not at all without it."""
 
-    def __init__(self, enabled: bool):
-        self.enabled = enabled and sys.stderr.isatty()
+    def __init__(self, enabled: bool, interval: float, log_every: float | None = None):
+        self.terminal = sys.stderr.isatty()
+        self.enabled = enabled and (self.terminal or log_every is not None)
+        self.interval = interval if self.terminal else (log_every or 0.0)
         self._last = 0.0
         self._width = 0
 
-    def __call__(self, state: Any) -> None:
-        if not self.enabled:
-            return
+    def due(self, force: bool = False) -> bool:
+        """Whether to show a new line now (always with ``force``)."""
         now = time.monotonic()
-        if now - self._last < 0.2 and state.done < state.total:
-            return
+        if not self.enabled or (now - self._last < self.interval and not force):
+            return False
         self._last = now
+        return True
+
+    def show(self, text: str) -> None:
+        if self.terminal:
+            click.echo("\r" + text.ljust(self._width), nl=False, err=True)
+            self._width = len(text)
+        else:
+            click.echo(text, err=True)
+
+    def clear(self) -> None:
+        if self.enabled and self._width:
+            click.echo("\r" + " " * self._width + "\r", nl=False, err=True)
+            self._width = 0
+
+
+class ProgressLine(StatusLine):
+    """Embedding progress with a bar, images/s and the time left, on a terminal only."""
+
+    def __init__(self, enabled: bool):
+        super().__init__(enabled, interval=0.2)
+
+    def __call__(self, state: Any) -> None:
+        if not self.due(force=state.done >= state.total):
+            return
         rate = state.images_per_second
         remaining = state.total - state.done
         eta = f"  ETA {_duration(remaining / rate)}" if rate > 0 and remaining else ""
         width = 24
         filled = int(width * state.done / state.total) if state.total else width
         bar = "#" * filled + "-" * (width - filled)
-        line = (
+        self.show(
             f"Embedding [{bar}] {state.done}/{state.total}  {rate:.1f} images/s"
             f"  {_duration(state.elapsed)}{eta}"
         )
-        click.echo("\r" + line.ljust(self._width), nl=False, err=True)
-        self._width = len(line)
-
-    def finish(self) -> None:
-        if self.enabled and self._width:
-            click.echo("\r" + " " * self._width + "\r", nl=False, err=True)
 
 
 def _duration(seconds: float) -> str:
@@ -407,7 +428,7 @@ def _ingest(
                 on_wait=_say_waiting,
             )
         finally:
-            bar.finish()
+            bar.clear()
         timer.done("walk, read, embed and commit")
         info = index.info()
     if as_json:
@@ -896,7 +917,7 @@ def evaluate(
         try:
             report = index.sync(sources, progress=bar, remove_missing=False)
         finally:
-            bar.finish()
+            bar.clear()
         run(index, len(report.skipped))
 
 
@@ -1111,36 +1132,22 @@ def _eval_set(eval_dir: Path | None, eval_labels: Path | None, eval_set_type: An
     return eval_set_type([Path(p) for p in paths], [labels.label[p] for p in paths], groups)
 
 
-class TrainProgressLine:
-    """Training progress on stderr: one self-rewriting line on a terminal; elsewhere (a log
-    file, a job scheduler) a plain line every 30 seconds, so a long run is never silent."""
+class TrainProgressLine(StatusLine):
+    """Training progress: on a terminal, one line rewritten twice a second; in a log, a plain
+    line every 30 seconds, so a long run is never silent."""
 
     def __init__(self, enabled: bool, log_every: float = 30.0):
-        self.enabled = enabled
-        self.terminal = sys.stderr.isatty()
-        self.interval = 0.5 if self.terminal else log_every
+        super().__init__(enabled, interval=0.5, log_every=log_every)
         self._last = time.monotonic()
-        self._width = 0
 
     def __call__(self, state: Any) -> None:
-        if not self.enabled or time.monotonic() - self._last < self.interval:
+        if not self.due():
             return
-        self._last = time.monotonic()
         total = f"/{state.total_steps}" if state.total_steps else ""
-        text = (
+        self.show(
             f"Training step {state.step}{total}  loss {state.loss:.4f}  "
             f"{state.views_per_second:.0f} views/s  lr {state.lr:.1e}  {_duration(state.elapsed)}"
         )
-        if self.terminal:
-            click.echo("\r" + text.ljust(self._width), nl=False, err=True)
-            self._width = len(text)
-        else:
-            click.echo(text, err=True)
-
-    def clear(self) -> None:
-        if self.enabled and self._width:
-            click.echo("\r" + " " * self._width + "\r", nl=False, err=True)
-            self._width = 0
 
 
 @cli.command()
