@@ -30,7 +30,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from imgindex.decode import decode_image_bytes, device_decodable_jpeg, orient, read_file
+from imgindex.decode import (
+    decode_image_bytes,
+    device_decodable_jpeg,
+    orient,
+    pillow_block_cache,
+    read_file,
+)
 from imgindex.errors import ImageError, ImgIndexError
 from imgindex.files import is_under, walk_images
 from imgindex.store import NewImage, Store, path_text
@@ -276,7 +282,11 @@ class _Build:
         if workers is None:
             workers = default_workers(self.vectorizer.device)
         ahead = 4 * self.vectorizer.batch_size
-        with _one_thread_per_reader(workers > 0 and self.vectorizer.device != "cpu"):
+        with (
+            _one_thread_per_reader(workers > 0 and self.vectorizer.device != "cpu"),
+            # Up to 3 blocks per picture being decoded (a 12 MP one is 48 MB as Pillow holds it).
+            pillow_block_cache(3 * max(1, workers) + 2),
+        ):
             self._consume(_map_bounded(lambda p: self.read(p, known_shas), todo, workers, ahead))
 
     def _consume(self, results: Iterator[tuple[Path, _Read | ImageError]]) -> None:

@@ -20,6 +20,7 @@ import contextlib
 import hashlib
 import importlib.metadata
 import os
+import threading
 import warnings
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -398,15 +399,13 @@ class Preprocessing:
         height, width = rgb.shape[:2]
         self.check(width, height, name)
         new_w, new_h = self.target_size(width, height)
-        if isinstance(rgb, torch.Tensor):
-            pixels = rgb
-        else:
-            if not (rgb.flags.c_contiguous and rgb.flags.writeable):
-                rgb = rgb.copy()  # torch wants its own, forward-strided buffer
-            pixels = torch.from_numpy(rgb)
         if (new_w, new_h) != (width, height):
-            pixels = opencv_bilinear_resize(pixels, new_w, new_h)
-        return pixels.permute(2, 0, 1).contiguous()
+            rgb = opencv_bilinear_resize(rgb, new_w, new_h, channels_first=True)
+        elif isinstance(rgb, torch.Tensor):
+            rgb = rgb.permute(2, 0, 1).contiguous()
+        else:
+            rgb = np.ascontiguousarray(rgb.transpose(2, 0, 1))
+        return rgb if isinstance(rgb, torch.Tensor) else torch.from_numpy(rgb)
 
     def normalize(self, batch: torch.Tensor) -> torch.Tensor:
         """N x 3 x h x w uint8 -> float32 network input."""
@@ -427,7 +426,9 @@ PRESETS = {
 PRECISIONS = ("fp32", "bf16")
 
 
-def opencv_bilinear_resize(pixels: torch.Tensor, width: int, height: int) -> torch.Tensor:
+def opencv_bilinear_resize(
+    pixels: np.ndarray | torch.Tensor, width: int, height: int, channels_first: bool = False
+) -> np.ndarray | torch.Tensor:
     """Resize ``H x W x C`` uint8 pixels exactly as OpenCV's ``cv2.resize(..., INTER_LINEAR)``.
 
     imgsim resizes with OpenCV; reproducing its integer arithmetic bit for bit (checked against
@@ -435,30 +436,99 @@ def opencv_bilinear_resize(pixels: torch.Tensor, width: int, height: int) -> tor
     float rounding, where a float or antialiased bilinear resize moves a near-duplicate pair's
     distance by up to 0.8%. OpenCV samples at pixel centres, weights the two neighbours with
     11-bit fixed-point coefficients, and rounds in two stages (the arithmetic of its SIMD path).
+
+    ``pixels`` is a numpy array or a torch tensor (on any device); the result is of the same
+    kind, ``height x width x C``, or ``C x height x width`` with ``channels_first``. The
+    arithmetic is written once for both: numpy's gathers are 3-5 times faster than torch's
+    ``index_select`` on a CPU, and torch runs it where a GPU decoded the pixels.
     """
-    import torch
-
-    src_h, src_w = pixels.shape[:2]
-
-    def tensor(array: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(array).to(pixels.device)  # the pixels may be on a GPU
-
-    x0, x1, a0, a1 = (tensor(v) for v in _opencv_taps(src_w, width, clamp=True))
+    src_h, src_w, channels = pixels.shape
+    x0, x1, a0, a1 = _opencv_taps(src_w, width, clamp=True)
     y0, y1, b0, b1 = _opencv_taps(src_h, height, clamp=False)
+    # Rows are seen as W*C values: the two taps of each output value are gathered as columns
+    # (pixel index * C + channel) and weighted by their pixel's coefficients.
+    cols0, cols1 = ((x[:, None] * channels + np.arange(channels)).ravel() for x in (x0, x1))
+    a0, a1 = np.repeat(a0, channels), np.repeat(a1, channels)
+    b0, b1 = b0[:, None], b1[:, None]
     # Each source row is filtered horizontally once, however many output rows use it
     # (upscaling reuses every row about twice): 3-5 times faster than filtering per output row.
     rows, which = np.unique(np.concatenate([y0, y1]), return_inverse=True)
-    picked = pixels.index_select(0, tensor(rows))
-    filtered = (
-        picked.index_select(1, x0).int() * a0.view(1, -1, 1)
-        + picked.index_select(1, x1).int() * a1.view(1, -1, 1)
-    ) >> 4
-    which_t = tensor(which)
-    top = filtered.index_select(0, which_t[:height])
-    top.mul_(tensor(b0).view(-1, 1, 1)).bitwise_right_shift_(16)
-    bottom = filtered.index_select(0, which_t[height:])
-    bottom.mul_(tensor(b1).view(-1, 1, 1)).bitwise_right_shift_(16)
-    return top.add_(bottom).add_(2).bitwise_right_shift_(2).to(torch.uint8)
+    flat = pixels.reshape(src_h, src_w * channels)
+    if not isinstance(pixels, np.ndarray):
+        import torch
+
+        def put(array: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(array).to(pixels.device)
+
+        def take(values: Any, index: np.ndarray, axis: int, slot: str) -> Any:
+            return values.index_select(axis, put(index))
+
+        def weigh(values: Any, weights: Any, slot: str) -> Any:
+            return values.int() * weights
+
+        a0, a1, b0, b1 = (put(v) for v in (a0, a1, b0, b1))
+    else:
+        # The intermediate arrays (megabytes each) go to buffers the thread keeps: fresh ones
+        # are page-faulted in on every call, which took longer than the arithmetic (a 1 MP
+        # photo: 7.0 ms, 3.6 with the buffers, on one core of the 2-core test machine).
+        scratch = _Scratch.of_this_thread()
+
+        def take(values: Any, index: np.ndarray, axis: int, slot: str) -> Any:
+            shape = (len(index), values.shape[1]) if axis == 0 else (values.shape[0], len(index))
+            out = scratch.array(slot, shape, values.dtype)
+            return np.take(values, index, axis=axis, out=out, mode="clip")
+
+        def weigh(values: Any, weights: np.ndarray, slot: str) -> Any:
+            return np.multiply(values, weights, out=scratch.array(slot, values.shape, np.int32))
+
+    picked = take(flat, rows, 0, "rows")
+    filtered = weigh(take(picked, cols0, 1, "taps"), a0, "filtered")
+    filtered += weigh(take(picked, cols1, 1, "taps"), a1, "product")
+    filtered >>= 4
+    top = take(filtered, which[:height], 0, "top")
+    top *= b0
+    top >>= 16
+    bottom = take(filtered, which[height:], 0, "bottom")
+    bottom *= b1
+    bottom >>= 16
+    top += bottom
+    top += 2
+    top >>= 2
+    out = top.reshape(height, width, channels)
+    if not isinstance(pixels, np.ndarray):
+        out = out.permute(2, 0, 1) if channels_first else out
+        return out.to(torch.uint8).contiguous()
+    # The narrowing cast and the transpose in one pass, into a new array of the thread's own.
+    return (out.transpose(2, 0, 1) if channels_first else out).astype(np.uint8, order="C")
+
+
+class _Scratch:
+    """Reusable buffers of one thread, by name, grown to the largest size asked for (up to
+    ``keep_bytes`` in all; beyond that, arrays are allocated afresh)."""
+
+    keep_bytes = 64 << 20
+    _threads = threading.local()
+
+    def __init__(self) -> None:
+        self.buffers: dict[str, np.ndarray] = {}
+
+    @classmethod
+    def of_this_thread(cls) -> _Scratch:
+        scratch = getattr(cls._threads, "scratch", None)
+        if scratch is None:
+            scratch = cls._threads.scratch = cls()
+        return scratch
+
+    def array(self, slot: str, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+        """An uninitialised array for ``slot``; valid until ``slot`` is asked for again."""
+        nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        buffer = self.buffers.get(slot)
+        if buffer is None or buffer.nbytes < nbytes:
+            kept = sum(b.nbytes for name, b in self.buffers.items() if name != slot)
+            if kept + nbytes > self.keep_bytes:
+                return np.empty(shape, dtype)
+            buffer = self.buffers[slot] = np.empty(nbytes, np.uint8)
+        return buffer[:nbytes].view(dtype).reshape(shape)
 
 
 def _opencv_taps(

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imgindex.decode import decode_image_bytes, read_image_file
+from imgindex.decode import decode_image_bytes, pil_to_rgb_array, read_image_file
 from imgindex.errors import ImageError
 
 from .conftest import random_image
@@ -77,6 +77,27 @@ def test_exif_orientation_is_applied(tmp_path):
     upright = np.rot90(rgb, k=-1)
     assert np.abs(decoded.pixels.astype(int) - upright.astype(int)).mean() < 3
     np.testing.assert_array_equal(decoded.pixels, opencv_rgb(path))
+
+
+def test_every_exif_orientation_is_applied_as_opencv_does(tmp_path):
+    rgb = smooth(40, 30)
+    for orientation in range(0, 10):  # 0 and 9 are out of range: kept as stored
+        path = tmp_path / f"o{orientation}.jpg"
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        Image.fromarray(rgb).save(path, exif=exif, quality=95)
+        np.testing.assert_array_equal(read_image_file(path).pixels, opencv_rgb(path))
+
+
+def test_a_callers_pil_image_is_not_modified():
+    exif = Image.Exif()
+    exif[0x0112] = 8
+    im = Image.fromarray(smooth(40, 30))
+    im.info["exif"] = exif.tobytes()
+    before = np.array(im)
+    assert pil_to_rgb_array(im).shape == (40, 30, 3)  # rotated
+    np.testing.assert_array_equal(np.asarray(im), before)
+    assert im.size == (40, 30)
 
 
 def test_animated_gif_gives_its_first_frame(tmp_path):

@@ -35,8 +35,15 @@ def test_resize_is_bit_exact_with_opencv():
         image = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
         for new_w, new_h in [Preprocessing().target_size(w, h), (max(1, w // 3), h + 5)]:
             expected = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
+            # Both backends: numpy (CPU decoding) and torch (GPU decoding, here on the CPU).
+            ours = opencv_bilinear_resize(image, new_w, new_h)
+            assert np.array_equal(ours, expected), (h, w, new_w, new_h)
             ours = opencv_bilinear_resize(torch.from_numpy(image), new_w, new_h).numpy()
             assert np.array_equal(ours, expected), (h, w, new_w, new_h)
+            # Channels first, as the network takes them; a second call reuses the buffers.
+            first = opencv_bilinear_resize(image, new_w, new_h, channels_first=True)
+            assert np.array_equal(first, expected.transpose(2, 0, 1)), (h, w, new_w, new_h)
+            assert first.flags.c_contiguous and first.flags.writeable
 
 
 def test_target_size_matches_imgsim():
@@ -52,6 +59,20 @@ def test_target_size_matches_imgsim():
 def test_resize_gives_channels_first_tensor_with_short_side_350():
     out = Preprocessing().resize(np.zeros((128, 256, 3), np.uint8))
     assert out.dtype == torch.uint8 and tuple(out.shape) == (3, 350, 700)
+    image = np.random.default_rng(3).integers(0, 256, (350, 420, 3), dtype=np.uint8)
+    image.flags.writeable = False  # as Pillow hands its pixels over
+    for pixels in (image, torch.from_numpy(image.copy())):
+        out = Preprocessing().resize(pixels)  # already the size: only the layout changes
+        assert out.is_contiguous() and torch.equal(out, torch.tensor(image).permute(2, 0, 1))
+
+
+def test_resize_outputs_do_not_share_the_threads_buffers():
+    rng = np.random.default_rng(5)
+    images = [rng.integers(0, 256, (300, 400, 3), dtype=np.uint8) for _ in range(3)]
+    outs = [Preprocessing().resize(image) for image in images]
+    for image, out in zip(images, outs, strict=True):
+        expected = cv2.resize(image, (466, 350), interpolation=cv2.INTER_LINEAR)
+        assert torch.equal(out, torch.from_numpy(expected).permute(2, 0, 1))
 
 
 def test_extreme_aspect_ratio_is_refused():
