@@ -44,7 +44,7 @@ from imgindex.store import NewImage, Store, path_text
 if TYPE_CHECKING:
     import torch
 
-    from imgindex.model import Vectorizer
+    from imgindex.model import PendingVectors, Vectorizer
 
 # A long build saves its FAISS file this often, so that opening the index after a crash has
 # little to reconcile; the save itself is atomic.
@@ -180,6 +180,8 @@ class _Build:
         self.gone: dict[int, str] = {}  # id -> path of entries whose file no longer exists
         # Content waiting in a batch -> later files with the same content, to copy its vector.
         self.twins_waiting: dict[str, list[_Read]] = {}
+        # The batch being embedded (on a GPU, maybe still computing), stored after the next.
+        self.started: tuple[list[_Read], PendingVectors] | None = None
 
     # -- the plan ---------------------------------------------------------------------------
 
@@ -327,6 +329,7 @@ class _Build:
             self._decode_jpegs(buckets)
         for shape in list(buckets):
             self._embed(buckets.pop(shape))
+        self._store_started()
         if self.skips_to_record:
             self.store.record_skipped(self.skips_to_record)
             self.skips_to_record.clear()
@@ -438,7 +441,19 @@ class _Build:
         return True
 
     def _embed(self, items: list[_Read]) -> None:
-        vectors = self.vectorizer.embed_group([r.tensor for r in items])
+        """Start embedding ``items``, then store the batch started before it: on a GPU its
+        vectors are ready by then, and the GPU works on this batch while the CPU commits."""
+        started = self.vectorizer.start_group([r.tensor for r in items])
+        self._store_started()
+        self.started = items, started
+
+    def _store_started(self) -> None:
+        """Store the batch whose embedding was started last, if any."""
+        if self.started is None:
+            return
+        items, pending = self.started
+        self.started = None
+        vectors = pending.result()
         images = [r.image for r in items]
         new_ids = self.store.write_batch(images, vectors, self.skips_to_record)
         self.skips_to_record.clear()

@@ -17,6 +17,7 @@ changing their vectors, so batches are formed from images of the same resized sh
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib.metadata
 import os
@@ -335,6 +336,33 @@ def network_arch(network: torch.nn.Module) -> str:
     return "resnet34" if len(backbone.layer1) == 3 else "resnet18"
 
 
+def device_constant(values: tuple[Any, ...], device: Any, dtype: Any = None) -> torch.Tensor:
+    """A small constant tensor on ``device``, made once and kept. ``torch.tensor(values,
+    device="cuda")`` copies from pageable memory, which makes the CPU wait for all the work the
+    GPU has queued; done per batch, that keeps the CPU from preparing the next batch meanwhile."""
+    import torch
+
+    return _device_constant(values, str(torch.device(device)), dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _device_constant(values: tuple[Any, ...], device: str, dtype: Any) -> torch.Tensor:
+    import torch
+
+    return torch.tensor(values, dtype=dtype).to(device)
+
+
+def to_device(array: np.ndarray | torch.Tensor, device: Any) -> torch.Tensor:
+    """``array`` copied to ``device`` without making the CPU wait for the GPU's queued work: from
+    pinned memory, asynchronously (PyTorch keeps the pinned block until the copy is done)."""
+    import torch
+
+    tensor = torch.from_numpy(array) if isinstance(array, np.ndarray) else array
+    if torch.device(device).type != "cuda" or tensor.device.type != "cpu":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 # --------------------------------------------------------------------------------------------
 # Preprocessing
 
@@ -409,10 +437,8 @@ class Preprocessing:
 
     def normalize(self, batch: torch.Tensor) -> torch.Tensor:
         """N x 3 x h x w uint8 -> float32 network input."""
-        import torch
-
-        mean = torch.tensor(self.mean, device=batch.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, device=batch.device).view(1, 3, 1, 1)
+        mean = device_constant(self.mean, batch.device).view(1, 3, 1, 1)
+        std = device_constant(self.std, batch.device).view(1, 3, 1, 1)
         return (batch.float() / 255.0 - mean) / std
 
 
@@ -457,16 +483,20 @@ def opencv_bilinear_resize(
     if not isinstance(pixels, np.ndarray):
         import torch
 
-        def put(array: np.ndarray) -> torch.Tensor:
-            return torch.from_numpy(array).to(pixels.device)
+        # Every index and weight goes to the pixels' device in one asynchronous copy.
+        parts = [rows, cols0, cols1, which, a0, a1, b0.ravel(), b1.ravel()]
+        packed = np.concatenate(parts, dtype=np.int64)
+        on_device = to_device(packed, pixels.device).split([len(p) for p in parts])
+        rows, cols0, cols1, which = on_device[:4]
+        a0, a1, b0, b1 = (t.int() for t in on_device[4:])
+        b0, b1 = b0.view(-1, 1), b1.view(-1, 1)
 
-        def take(values: Any, index: np.ndarray, axis: int, slot: str) -> Any:
-            return values.index_select(axis, put(index))
+        def take(values: Any, index: Any, axis: int, slot: str) -> Any:
+            return values.index_select(axis, index)
 
         def weigh(values: Any, weights: Any, slot: str) -> Any:
             return values.int() * weights
 
-        a0, a1, b0, b1 = (put(v) for v in (a0, a1, b0, b1))
     else:
         # The intermediate arrays (megabytes each) go to buffers the thread keeps: fresh ones
         # are page-faulted in on every call, which took longer than the arithmetic (a 1 MP
@@ -743,42 +773,68 @@ class Vectorizer:
 
     def embed_group(self, tensors: Sequence[torch.Tensor]) -> np.ndarray:
         """Embed prepared tensors that share a :meth:`group_key`, in one batch."""
+        return self.start_group(tensors).result()
+
+    def start_group(self, tensors: Sequence[torch.Tensor]) -> PendingVectors:
+        """Start embedding prepared tensors that share a :meth:`group_key`, in one batch; on a
+        GPU this returns before the vectors are computed, so the caller can prepare the next
+        batch (or store the last one) meanwhile."""
         import torch
 
         if self._padded is None:
-            return self.embed_batch(torch.stack(list(tensors)))
+            return self.start_batch(torch.stack(list(tensors)))
         # The batch is padded too, to a power of two (at most the batch size): cuDNN's plans
-        # depend on the batch size as well as the image shape.
+        # depend on the batch size as well as the image shape. It is assembled in pinned memory,
+        # from which it is copied to the GPU asynchronously.
         rows = max(min(1 << (len(tensors) - 1).bit_length(), self.batch_size), len(tensors))
         _, height, width = self.group_key(tensors[0])
-        batch = tensors[0].new_zeros((rows, 3, height, width))
-        sizes = torch.full((rows, 2), 1, dtype=torch.int64)
+        first = tensors[0]
+        on_gpu = self.device != "cpu" and first.device.type == "cpu"
+        shape = (rows, 3, height, width)
+        batch = torch.zeros(shape, dtype=first.dtype, device=first.device, pin_memory=on_gpu)
+        sizes = np.ones((rows, 2), dtype=np.int64)
         for i, t in enumerate(tensors):
             batch[i, :, : t.shape[1], : t.shape[2]] = t
-            sizes[i] = torch.tensor(t.shape[1:])
-        return self.embed_batch(batch, sizes)[: len(tensors)]
+            sizes[i] = t.shape[1:]
+        return self.start_batch(batch, sizes, count=len(tensors))
 
     def embed_tensors(self, tensors: Sequence[torch.Tensor]) -> np.ndarray:
-        """Embed prepared tensors of any mix of shapes; batches are formed per group key."""
+        """Embed prepared tensors of any mix of shapes; batches are formed per group key. On a
+        GPU, each batch is started before the previous one's vectors are collected."""
         out = np.empty((len(tensors), self.dim), dtype=np.float32)
         groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
         for i, t in enumerate(tensors):
             groups[self.group_key(t)].append(i)
-        for indices in groups.values():
-            for start in range(0, len(indices), self.batch_size):
-                chunk = indices[start : start + self.batch_size]
-                out[chunk] = self.embed_group([tensors[i] for i in chunk])
+        chunks = [
+            indices[start : start + self.batch_size]
+            for indices in groups.values()
+            for start in range(0, len(indices), self.batch_size)
+        ]
+        previous: tuple[list[int], PendingVectors] | None = None
+        for chunk in chunks:
+            pending = self.start_group([tensors[i] for i in chunk])
+            if previous is not None:
+                out[previous[0]] = previous[1].result()
+            previous = chunk, pending
+        if previous is not None:
+            out[previous[0]] = previous[1].result()
         return out
 
-    def embed_batch(self, batch: torch.Tensor, sizes: torch.Tensor | None = None) -> np.ndarray:
+    def embed_batch(self, batch: torch.Tensor, sizes: Any = None) -> np.ndarray:
         """``N x 3 x h x w`` uint8 tensor (one shape) -> ``N x 768`` float32 vectors. With
         ``sizes`` (``N x 2``), each image is only its top-left ``h x w`` (the rest is padding)."""
+        return self.start_batch(batch, sizes).result()
+
+    def start_batch(
+        self, batch: torch.Tensor, sizes: Any = None, count: int | None = None
+    ) -> PendingVectors:
+        """:meth:`embed_batch`, started: the vectors of the first ``count`` images (default:
+        all) come from the returned object's ``result()``. Nothing on the way makes the CPU wait
+        for the GPU (no synchronous copies), so the GPU can still be busy with earlier batches."""
         import torch
 
         with torch.inference_mode():
-            if batch.device.type == "cpu" and self.device != "cpu":
-                batch = batch.pin_memory().to(self.device, non_blocking=True)
-            batch = batch.to(self.device)  # no-op unless decoded on another device
+            batch = to_device(batch, self.device)  # no-op if decoded there
             x = self.preprocessing.normalize(batch).contiguous(memory_format=self._input_format)
             with torch.autocast(
                 device_type=torch.device(self.device).type,
@@ -786,10 +842,10 @@ class Vectorizer:
                 enabled=self.precision == "bf16",
             ):
                 if sizes is not None:
-                    vectors = self._padded(x, sizes.to(self.device))
+                    vectors = self._padded(x, to_device(torch.as_tensor(sizes), self.device))
                 else:
                     vectors = self.network(x)
-            return vectors.float().cpu().numpy()
+            return PendingVectors(vectors[:count].float())
 
     # -- input handling ---------------------------------------------------------------------
 
@@ -809,6 +865,29 @@ class Vectorizer:
             "expected an image path, a PIL image or a uint8 numpy array, "
             f"got {type(image).__name__}"
         )
+
+
+class PendingVectors:
+    """Vectors being computed: ``result()`` waits for them and returns them as ``N x 768``
+    float32 numpy. From a GPU they come back through pinned memory, copied asynchronously
+    behind the forward pass; a CUDA event says when they have arrived."""
+
+    def __init__(self, vectors: torch.Tensor):
+        import torch
+
+        self._event = None
+        if vectors.device.type == "cuda":
+            host = torch.empty(vectors.shape, dtype=vectors.dtype, pin_memory=True)
+            host.copy_(vectors, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+            vectors = host
+        self._vectors = vectors
+
+    def result(self) -> np.ndarray:
+        if self._event is not None:
+            self._event.synchronize()
+        return self._vectors.numpy()
 
 
 def _split_batch(images: Any) -> tuple[bool, list[Any]]:

@@ -49,6 +49,7 @@ from imgindex.model import (
     PRESETS,
     Vectorizer,
     build_network,
+    device_constant,
     load_network,
     network_arch,
     read_checkpoint,
@@ -322,7 +323,9 @@ def photometric(views: torch.Tensor, generator: torch.Generator) -> torch.Tensor
             n, 1, 1, 1
         )
 
-    luma_weights = torch.tensor([0.299, 0.587, 0.114], device=device).view(1, 3, 1, 1)
+    # Constants are made once per device (device_constant): a torch.tensor(..., device=) here
+    # would make the CPU wait for the GPU every step, and no batch could be queued ahead.
+    luma_weights = device_constant(_YIQ[0], device).view(1, 3, 1, 1)
 
     def luma(t: torch.Tensor) -> torch.Tensor:
         return (t * luma_weights).sum(1, keepdim=True)
@@ -371,21 +374,22 @@ def photometric(views: torch.Tensor, generator: torch.Generator) -> torch.Tensor
     return torch.where(patch, fill.expand_as(x), x)
 
 
+# RGB -> YIQ (NTSC) and back: hue turns about the luma axis Y.
+_YIQ = ((0.299, 0.587, 0.114), (0.596, -0.274, -0.322), (0.211, -0.523, 0.312))
+_YIQ_INVERSE = tuple(tuple(float(v) for v in row) for row in np.linalg.inv(np.array(_YIQ)))
+
+
 def _rotate_hue(x: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
     import torch
 
-    to_yiq = torch.tensor(
-        [[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]],
-        device=x.device,
-        dtype=x.dtype,
-    )
+    to_yiq = device_constant(_YIQ, x.device, x.dtype)
+    from_yiq = device_constant(_YIQ_INVERSE, x.device, x.dtype)
     cos, sin = torch.cos(angle), torch.sin(angle)
     rotation = torch.zeros(len(angle), 3, 3, device=x.device, dtype=x.dtype)
     rotation[:, 0, 0] = 1
     rotation[:, 1, 1], rotation[:, 1, 2] = cos, -sin
     rotation[:, 2, 1], rotation[:, 2, 2] = sin, cos
-    matrix = torch.linalg.inv(to_yiq) @ rotation @ to_yiq
-    return torch.einsum("nij,njhw->nihw", matrix, x)
+    return torch.einsum("nij,njhw->nihw", from_yiq @ rotation @ to_yiq, x)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -421,10 +425,12 @@ def augnet_loss(
         return F.cross_entropy(logits, own)
     squared = torch.cdist(e, centres).pow(2) / e.shape[1]
     pull = squared.gather(1, own.view(-1, 1)).mean()
-    others = torch.ones_like(squared, dtype=torch.bool)
-    others[torch.arange(len(own), device=e.device), own] = False
-    distance = squared[others].clamp_min(1e-12).sqrt()
-    push = F.relu(margin - distance).pow(2).mean()
+    # Every (view, other image's centre) pair, by a mask rather than by selecting them
+    # (squared[others] would make the CPU wait for the GPU to count them).
+    others = torch.ones_like(squared)
+    others[torch.arange(len(own), device=e.device), own] = 0
+    distance = squared.clamp_min(1e-12).sqrt()
+    push = (F.relu(margin - distance).pow(2) * others).sum() / (len(own) * (images - 1))
     return pull + push
 
 
@@ -840,9 +846,7 @@ def _cosine(progress: float) -> float:
 
 
 def _normalize(x: torch.Tensor) -> torch.Tensor:
-    import torch
-
     preprocessing = PRESETS["exact"]
-    mean = torch.tensor(preprocessing.mean, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(preprocessing.std, device=x.device).view(1, 3, 1, 1)
+    mean = device_constant(preprocessing.mean, x.device).view(1, 3, 1, 1)
+    std = device_constant(preprocessing.std, x.device).view(1, 3, 1, 1)
     return (x - mean) / std

@@ -48,6 +48,21 @@ def test_gpu_vectors_and_decoding_match_the_cpu(tmp_path, augnet):
     assert np.diag(imgindex.cosine_similarity(stored, cpu)).min() > 0.9999
 
 
+def test_a_gpu_build_stores_each_batchs_own_vectors(tmp_path):
+    # Batches of 4: each batch is stored while the next one is computed (start_group), so a
+    # mix-up between batches would show here.
+    paths = sorted(DATA.rglob("*.jpg"))
+    vectorizer = imgindex.Vectorizer(device="cuda", precision="fp32", batch_size=4)
+    alone = np.stack([vectorizer.vectorize(p) for p in paths])
+    with imgindex.Index.create(tmp_path / "i", vectorizer=vectorizer) as index:
+        report = index.sync(DATA)
+        assert report.added == len(paths) and not report.skipped
+        stored = index.vectors([index.find(p).id for p in paths])
+    assert np.diag(imgindex.cosine_similarity(stored, alone)).min() > 0.99999
+    together = vectorizer.vectorize(paths)  # embed_tensors: also a batch started per stored one
+    assert np.diag(imgindex.cosine_similarity(together, alone)).min() > 0.99999
+
+
 def test_training_steps_on_the_gpu(tmp_path):
     options = TrainOptions(images_per_step=8, views_per_image=4, crop_size=128, seed=0)
     report = train(sorted((DATA / "pizza").glob("*.jpg")) + sorted((DATA / "bonsai").glob("*.jpg")),

@@ -263,9 +263,9 @@ def test_padded_groups_pad_the_batch_size_without_changing_vectors():
     tensors = [torch.randint(0, 256, (3, 40 + i, 50 + 2 * i), dtype=torch.uint8) for i in range(3)]
     alone = np.stack([unpadded.embed_group([t])[0] for t in tensors])
     shapes = []
-    original = padded.embed_batch
-    padded.embed_batch = lambda batch, sizes=None: (
-        shapes.append(tuple(batch.shape)) or original(batch, sizes)
+    original = padded.start_batch
+    padded.start_batch = lambda batch, sizes=None, count=None: (
+        shapes.append(tuple(batch.shape)) or original(batch, sizes, count)
     )
     together = padded.embed_group(tensors)
     # Three images of three sizes: one batch of 4 (a power of two), 64 x 64 (multiples of 32).

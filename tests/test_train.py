@@ -192,6 +192,35 @@ def test_photometric_augmentation():
     assert (changed > 0.01).sum() >= 10  # most views are changed, each in its own way
 
 
+def test_augnet_loss_against_a_direct_computation():
+    from imgindex.train import augnet_loss
+
+    images, views, margin = 3, 4, 1.0
+    e = torch.randn(images * views, 768, generator=torch.Generator().manual_seed(1)) * 0.05
+    centres = [e[i * views : (i + 1) * views].mean(0) for i in range(images)]
+    pull, push = [], []
+    for row in range(images * views):
+        for image, centre in enumerate(centres):
+            squared = float(((e[row] - centre) ** 2).sum()) / 768
+            if image == row // views:
+                pull.append(squared)
+            else:
+                push.append(max(0.0, margin - squared**0.5) ** 2)
+    expected = np.mean(pull) + np.mean(push)
+    assert abs(float(augnet_loss(e, images, "contrastive", margin=margin)) - expected) < 1e-5
+
+
+def test_hue_rotation_keeps_luma_and_a_full_turn_is_the_identity():
+    from imgindex.train import _rotate_hue
+
+    x = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    luma = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+    turned = _rotate_hue(x, torch.tensor([0.3, -0.2, 1.0, 2.0]))
+    assert not torch.allclose(turned, x, atol=1e-3)
+    assert torch.allclose((turned * luma).sum(1), (x * luma).sum(1), atol=1e-5)
+    assert torch.allclose(_rotate_hue(x, torch.full((4,), 2 * np.pi)), x, atol=1e-5)
+
+
 def test_train_command(tmp_path, photos):
     (photos / "pizza" / "broken.jpg").write_text("not a picture")
     out = tmp_path / "ft.pth"
