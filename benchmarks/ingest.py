@@ -343,7 +343,7 @@ def print_table(rows: list[tuple[str, float, str]], n: int, rounds: int) -> None
     print(f"\n{n} images, median of {rounds} rounds")
     print(f"{'method':<48}{'seconds':>9}{'images/s':>10}{'vs imgsim':>11}{'vs ceiling':>12}")
     for name, seconds, preset in rows:
-        vs_imgsim = f"{base / seconds:.2f}x" if base else "-"
+        vs_imgsim = f"{base / seconds:.2f}x" if base and preset != "pipeline" else "-"
         vs_ceiling = f"{ceilings[preset] / seconds:.2f}" if preset in ceilings else "-"
         vs_ceiling = vs_ceiling if name.startswith("imgindex") else "-"
         print(f"{name:<48}{seconds:>9.1f}{n / seconds:>10.2f}{vs_imgsim:>11}{vs_ceiling:>12}")
