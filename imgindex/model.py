@@ -349,7 +349,9 @@ def device_constant(values: tuple[Any, ...], device: Any, dtype: Any = None) -> 
 def _device_constant(values: tuple[Any, ...], device: str, dtype: Any) -> torch.Tensor:
     import torch
 
-    return torch.tensor(values, dtype=dtype).to(device)
+    # A normal tensor even when first asked for under inference_mode: training uses it too.
+    with torch.inference_mode(False):
+        return torch.tensor(values, dtype=dtype).to(device)
 
 
 def to_device(array: np.ndarray | torch.Tensor, device: Any) -> torch.Tensor:

@@ -271,3 +271,14 @@ def test_padded_groups_pad_the_batch_size_without_changing_vectors():
     # Three images of three sizes: one batch of 4 (a power of two), 64 x 64 (multiples of 32).
     assert together.shape == (3, 768) and shapes == [(4, 3, 64, 64)]
     assert np.abs(together - alone).max() < 1e-4
+
+
+def test_device_constants_are_made_once_and_serve_training_too():
+    from imgindex.model import device_constant
+
+    with torch.inference_mode():  # first asked for while embedding
+        first = device_constant((0.5, 2.0), "cpu")
+    assert device_constant((0.5, 2.0), "cpu") is first
+    weights = torch.ones(2, requires_grad=True)
+    (weights * first).sum().backward()  # an inference tensor could not be saved for this
+    assert weights.grad.tolist() == [0.5, 2.0]
