@@ -205,17 +205,18 @@ def measure_steps(options: TrainOptions, device: str, seconds: float) -> float:
     generator = torch.Generator(device=device).manual_seed(0)
     torch.backends.cudnn.benchmark = True
 
-    def step() -> None:
-        loss = train_step(network, optimizer, views, options.images_per_step, options, generator,
+    def step() -> torch.Tensor:
+        return train_step(network, optimizer, views, options.images_per_step, options, generator,
                           bf16=on_gpu)  # fmt: skip
-        float(loss.detach())  # wait for the device
 
-    step()
-    step()
+    float(step().detach())  # warm up
     count, started = 0, time.perf_counter()
     while time.perf_counter() - started < seconds:
-        step()
+        loss = step()
         count += n
+        if count % (10 * n) == 0:  # as training does: the device may run a few steps behind
+            float(loss.detach())
+    float(loss.detach())  # wait for the device to finish them all
     return count / (time.perf_counter() - started)
 
 
