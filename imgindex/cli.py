@@ -412,9 +412,9 @@ def _ingest(
     with index:
         if created and not as_json:
             click.echo(f"Created index {location}", err=True)
-        timer.done("open index")
-        index.vectorizer  # noqa: B018 - load the model now, so its time is reported apart
-        timer.done("load model")
+        # A new index loads the model to record its weights; an existing one loads it only if
+        # some file needs reading (the breakdown below says how long that took).
+        timer.done("create index and load the model" if created else "open index")
         bar = ProgressLine(progress and not as_json)
         try:
             report = index.sync(
@@ -430,6 +430,8 @@ def _ingest(
         finally:
             bar.clear()
         timer.done("walk, read, embed and commit")
+        if verbose:
+            _print_stages(report, index.vectorizer.device if report.embedded else "cpu")
         info = index.info()
     if as_json:
         print_json({"index": str(location), **report.as_dict()})
@@ -439,6 +441,29 @@ def _ingest(
         raise click.ClickException(f"--strict: {len(report.skipped)} file(s) were skipped")
 
 
+def _print_stages(report: Any, device: str) -> None:
+    """--verbose: where the building thread's time went, and what limited the build."""
+    from imgindex.ingest import STAGES
+
+    stages = report.stage_seconds
+    for stage in STAGES:
+        if stage in stages:
+            click.echo(f"  {stage}: {stages[stage]:.3f} s", err=True)
+    other = report.seconds - sum(stages.values())
+    click.echo(f"  other (walking, comparing with the index, removing): {other:.3f} s", err=True)
+    reading, network = stages.get("reading", 0.0), stages.get("network", 0.0)
+    if device != "cpu" and report.embedded and reading > max(network, 0.25 * report.seconds):
+        click.echo(
+            "  Reading the files limited this build, not the network: try more --workers, "
+            "or --decode device for JPEGs.",
+            err=True,
+        )
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def _print_report(report: Any, location: Path, info: dict[str, Any]) -> None:
     counts = (
         f"{report.added} added, {report.updated} updated, {report.renamed} renamed, "
@@ -446,7 +471,7 @@ def _print_report(report: Any, location: Path, info: dict[str, Any]) -> None:
     )
     if report.embedded:
         click.echo(
-            f"Embedded {report.embedded} images in {report.seconds:.1f} s "
+            f"Embedded {_count(report.embedded, 'image')} in {report.seconds:.1f} s "
             f"({report.images_per_second:.1f} images/s): {counts}."
         )
     else:

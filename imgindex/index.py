@@ -22,7 +22,7 @@ import numpy as np
 from imgindex import ann, ingest
 from imgindex.duplicates import DuplicateGroup, exact_pairs, group_pairs, neighbor_pairs
 from imgindex.errors import IncompatibleIndexError, WeightsError
-from imgindex.model import Vectorizer, _split_batch, resolve_weights
+from imgindex.model import PRESETS, Vectorizer, _split_batch, resolve_weights
 from imgindex.search import Hit, check_metric, rank_exactly
 from imgindex.store import DB_NAME, CheckReport, ImageRecord, Store, path_text
 
@@ -137,17 +137,33 @@ class Index:
         return self._store.fingerprint()["preprocessing"].get("preset", "exact")
 
     def _check_compatible(self, vectorizer: Vectorizer) -> None:
-        ours, theirs = self._store.fingerprint(), vectorizer.fingerprint()
+        self._check_fingerprint(vectorizer.fingerprint(), vectorizer.weights.path)
+
+    def _check_without_the_model(self) -> None:
+        """The compatibility check, from the weights file's checksum and the preset alone (no
+        network is built): for a build that may find nothing to embed."""
+        if self._vectorizer is not None:
+            return
+        weights = Vectorizer._resolve_weights(self._vectorizer_args.get("weights"))
+        theirs: dict[str, Any] = {"weights_sha256": weights.sha256}
+        preset = self._vectorizer_args.get("preset")
+        if preset in PRESETS:
+            theirs["preprocessing"] = PRESETS[preset].describe()
+        self._check_fingerprint(theirs, weights.path)
+
+    def _check_fingerprint(self, theirs: dict[str, Any], weights_path: Path) -> None:
+        """Refuse vectors unlike the index's: ``theirs`` holds what is known of them."""
+        ours = self._store.fingerprint()
         if ours["weights_sha256"] != theirs["weights_sha256"]:
             raise IncompatibleIndexError(
                 f"{self.path}: this index was built with weights {ours['weights_sha256'][:12]}, "
                 f"but the weights in use are {theirs['weights_sha256'][:12]} "
-                f"({vectorizer.weights.path}); vectors of different weights cannot be compared. "
+                f"({weights_path}); vectors of different weights cannot be compared. "
                 "Use the weights it was built with, or re-embed into a new index: "
                 "`imgindex build FOLDERS --index NEW_INDEX --weights WEIGHTS`"
             )
         for key in ("model", "dim", "preprocessing"):
-            if ours[key] != theirs[key]:
+            if key in theirs and ours[key] != theirs[key]:
                 raise IncompatibleIndexError(
                     f"{self.path}: this index holds vectors with {key} {ours[key]!r}, not "
                     f"{theirs[key]!r}; re-embed into a new index: "
@@ -180,12 +196,14 @@ class Index:
         """
         if isinstance(folders, (str, os.PathLike)):
             folders = [folders]
+        self._check_without_the_model()
         store = self._writable_store()
         store.lock(wait, on_wait)
         try:
+            # The model is loaded only if some file needs reading (not for an unchanged folder).
             return ingest.build(
-                store, self.vectorizer, folders, progress, workers, max_pixels, remove_missing,
-                decode,
+                store, lambda: self.vectorizer, folders, progress, workers, max_pixels,
+                remove_missing, decode,
             )  # fmt: skip
         finally:
             store.unlock()

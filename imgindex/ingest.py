@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import contextlib
+import functools
 import hashlib
 import os
 import time
@@ -91,6 +92,8 @@ class BuildReport:
     reused: int = 0  # new entries that got an already stored vector (copies, renames)
     seconds: float = 0.0
     total: int = 0  # images in the index afterwards
+    # Where the building thread spent its time: see STAGES.
+    stage_seconds: dict[str, float] = field(default_factory=dict)
 
     @property
     def images_per_second(self) -> float:
@@ -109,10 +112,21 @@ class BuildReport:
             "seconds": round(self.seconds, 3),
             "images_per_second": round(self.images_per_second, 2),
             "total": self.total,
+            "stage_seconds": {k: round(v, 3) for k, v in self.stage_seconds.items()},
         }
 
 
 ProgressCallback = Callable[[Progress], None]
+
+# The building thread's time, by stage (BuildReport.stage_seconds). With reading threads, "reading"
+# is the time it waited for them; without (on a CPU), the time it read itself.
+STAGES = {
+    "loading the model": "loading the network's weights (only when a file needs reading)",
+    "reading": "reading, decoding and resizing files (or waiting for the threads that do)",
+    "decoding on the device": "decoding JPEGs on the network's device (--decode device)",
+    "network": "starting batches on the network and waiting for their vectors",
+    "storing": "committing vectors and metadata to SQLite and FAISS",
+}
 
 
 # Decode JPEGs on the device in batches of at most this many pixels (600 MB as RGB).
@@ -138,9 +152,12 @@ class _Read:
     orientation: int = 1  # its EXIF orientation
 
 
+_Outcome = tuple[Path, "_Read | ImageError"]  # a file, and what reading it gave
+
+
 def build(
     store: Store,
-    vectorizer: Vectorizer,
+    vectorizer: Vectorizer | Callable[[], Vectorizer],
     roots: Iterable[str | os.PathLike[str]],
     progress: ProgressCallback | None = None,
     workers: int | None = None,
@@ -149,7 +166,9 @@ def build(
     decode: str = "cpu",
 ) -> BuildReport:
     """Bring the index up to date with the images under ``roots``. See the module docstring.
-    ``decode="device"`` leaves JPEGs to the network's device (nvJPEG on a GPU), in batches."""
+    ``decode="device"`` leaves JPEGs to the network's device (nvJPEG on a GPU), in batches.
+    ``vectorizer`` may be a function that makes one: it is then called only if some file needs
+    reading, so a build that finds nothing changed does not load the model."""
     if decode not in ("cpu", "device"):
         raise ValueError(f"decode must be 'cpu' or 'device', not {decode!r}")
     return _Build(store, vectorizer, progress, max_pixels, decode == "device").run(
@@ -161,7 +180,7 @@ class _Build:
     def __init__(
         self,
         store: Store,
-        vectorizer: Vectorizer,
+        vectorizer: Vectorizer | Callable[[], Vectorizer],
         progress: ProgressCallback | None,
         max_pixels: int | None,
         decode_on_device: bool = False,
@@ -169,9 +188,9 @@ class _Build:
         self.store = store
         self.decode_on_device = decode_on_device
         self.jpegs: list[_Read] = []  # read, waiting for a batch decode on the device
-        self.vectorizer = vectorizer
+        self._vectorizer_source = vectorizer
         self.progress = progress
-        self.max_pixels = max_pixels if max_pixels is not None else vectorizer.max_pixels
+        self._max_pixels = max_pixels
         self.report = BuildReport()
         self.state = Progress(total=0)
         self.skips_to_record: list[tuple[Path, str]] = []
@@ -182,6 +201,18 @@ class _Build:
         self.twins_waiting: dict[str, list[_Read]] = {}
         # The batch being embedded (on a GPU, maybe still computing), stored after the next.
         self.started: tuple[list[_Read], PendingVectors] | None = None
+
+    @functools.cached_property
+    def vectorizer(self) -> Vectorizer:
+        source = self._vectorizer_source
+        if not callable(source):
+            return source
+        with self._timed("loading the model"):
+            return source()
+
+    @functools.cached_property
+    def max_pixels(self) -> int:
+        return self._max_pixels if self._max_pixels is not None else self.vectorizer.max_pixels
 
     # -- the plan ---------------------------------------------------------------------------
 
@@ -280,6 +311,8 @@ class _Build:
     # -- the main loop ----------------------------------------------------------------------
 
     def _process(self, todo: list[Path], workers: int | None) -> None:
+        if not todo:
+            return
         known_shas = frozenset(self.by_sha)
         if workers is None:
             workers = default_workers(self.vectorizer.device)
@@ -291,11 +324,29 @@ class _Build:
         ):
             self._consume(_map_bounded(lambda p: self.read(p, known_shas), todo, workers, ahead))
 
-    def _consume(self, results: Iterator[tuple[Path, _Read | ImageError]]) -> None:
+    @contextlib.contextmanager
+    def _timed(self, stage: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            spent = self.report.stage_seconds.get(stage, 0.0) + time.perf_counter() - started
+            self.report.stage_seconds[stage] = spent
+
+    def _timed_reads(self, results: Iterable[_Outcome]) -> Iterator[_Outcome]:
+        iterator = iter(results)
+        while True:
+            with self._timed("reading"):
+                item = next(iterator, None)
+            if item is None:
+                return
+            yield item
+
+    def _consume(self, results: Iterator[_Outcome]) -> None:
         batch_size = self.vectorizer.batch_size
         buckets: dict[tuple[int, ...], list[_Read]] = defaultdict(list)
         pending = 0
-        for path, outcome in results:
+        for path, outcome in self._timed_reads(results):
             if isinstance(outcome, ImageError):
                 self.skip(path, outcome.reason)
                 self.state.done += 1
@@ -338,6 +389,10 @@ class _Build:
     def _decode_jpegs(self, buckets: dict[tuple[int, ...], list[_Read]]) -> int:
         """Decode the waiting JPEGs in one batch on the network's device, resize them there and
         put them in their buckets. Returns how many failed (they are skipped with a reason)."""
+        with self._timed("decoding on the device"):
+            return self._decode_jpegs_now(buckets)
+
+    def _decode_jpegs_now(self, buckets: dict[tuple[int, ...], list[_Read]]) -> int:
         import torch
 
         ImageReadMode, decode_jpeg = _torchvision_decoder()
@@ -443,7 +498,8 @@ class _Build:
     def _embed(self, items: list[_Read]) -> None:
         """Start embedding ``items``, then store the batch started before it: on a GPU its
         vectors are ready by then, and the GPU works on this batch while the CPU commits."""
-        started = self.vectorizer.start_group([r.tensor for r in items])
+        with self._timed("network"):
+            started = self.vectorizer.start_group([r.tensor for r in items])
         self._store_started()
         self.started = items, started
 
@@ -453,9 +509,11 @@ class _Build:
             return
         items, pending = self.started
         self.started = None
-        vectors = pending.result()
+        with self._timed("network"):
+            vectors = pending.result()
         images = [r.image for r in items]
-        new_ids = self.store.write_batch(images, vectors, self.skips_to_record)
+        with self._timed("storing"):
+            new_ids = self.store.write_batch(images, vectors, self.skips_to_record)
         self.skips_to_record.clear()
         for image, new_id in zip(images, new_ids, strict=True):
             text = path_text(image.path)
@@ -466,7 +524,8 @@ class _Build:
             self._count_new_or_updated(here)
         self.state.embedded += len(items)
         self.state.done += len(items)
-        self._after_commit()
+        with self._timed("storing"):
+            self._after_commit()
         for image in images:
             for twin in self.twins_waiting.pop(image.sha256, []):
                 if not self._reuse(twin):  # cannot happen: the twin was just stored
@@ -556,7 +615,7 @@ def _one_thread_per_reader(enabled: bool) -> Iterator[None]:
 
 def _map_bounded(
     fn: Callable[[Path], _Read], items: list[Path], workers: int, ahead: int
-) -> Iterator[tuple[Path, _Read | ImageError]]:
+) -> Iterator[_Outcome]:
     """``(item, fn(item))`` in order, computed in ``workers`` threads with at most ``ahead`` in
     flight (0 workers: in the calling thread, one at a time). ImageError is returned, not
     raised."""

@@ -714,8 +714,10 @@ class Vectorizer:
                 pass
         return network.to(memory_format=torch.channels_last), torch.channels_last
 
-    # Overridden by a test stand-in; see tests/conftest.py.
-    def _resolve_weights(self, weights: str | os.PathLike[str] | None) -> Weights:
+    # Overridden by a test stand-in; see tests/conftest.py. A class method: an index checks an
+    # existing index's weights with it before deciding whether the model is needed at all.
+    @classmethod
+    def _resolve_weights(cls, weights: str | os.PathLike[str] | None) -> Weights:
         return resolve_weights(weights)
 
     def _build_network(self) -> torch.nn.Module:

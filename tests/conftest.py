@@ -42,7 +42,8 @@ class FakeVectorizer(Vectorizer):
 
     model_name = "test-tinynet-768"
 
-    def _resolve_weights(self, weights):
+    @classmethod
+    def _resolve_weights(cls, weights):
         return Weights(path=Path("tinynet"), sha256="0" * 64, is_default=False)
 
     def _build_network(self):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import DATA
+from .conftest import DATA, random_image
 
 
 def test_build_then_query_then_info(run, tmp_path, photos):
@@ -18,8 +18,9 @@ def test_build_then_query_then_info(run, tmp_path, photos):
     assert "36 added, 0 updated, 0 renamed, 0 removed, 0 unchanged, 0 skipped" in result.stdout
     assert "Created index" in result.stderr
 
-    again = run("build", photos, "--index", index)
+    again = run("build", photos, "--index", index, "--verbose")
     assert "Nothing to embed" in again.stdout and "36 unchanged" in again.stdout
+    assert "open index:" in again.stderr and "loading the model" not in again.stderr
 
     query = photos / "stop_sign" / "image_0002.jpg"
     result = run("query", query, "--index", index, "-k", "3")
@@ -36,6 +37,14 @@ def test_build_then_query_then_info(run, tmp_path, photos):
     info = run("info", "--index", index).stdout
     assert "Images:        36" in info and "Flat (exact) (exact search; asked for: auto)" in info
     assert "l2 (Euclidean distance), cosine (similarity)" in info
+
+    (photos / "pizza" / "image_0001.jpg").touch()  # same content: its vector is kept
+    (photos / "copy.jpg").write_bytes((photos / "pizza" / "image_0002.jpg").read_bytes())
+    random_image(photos / "new.png", seed=5)  # new content: the model is needed
+    result = run("build", photos, "--index", index, "--verbose")
+    assert "Embedded 1 image in" in result.stdout and "2 added" in result.stdout
+    for stage in ("loading the model:", "reading:", "network:", "storing:", "other ("):
+        assert stage in result.stderr, stage
 
 
 def test_json_outputs(run, tmp_path, photos):

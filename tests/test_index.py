@@ -122,7 +122,8 @@ def test_index_refuses_vectors_from_other_weights(tmp_path, photos, fake_vectori
         index.add(photos / "pizza")
 
     class OtherWeights(FakeVectorizer):
-        def _resolve_weights(self, weights):
+        @classmethod
+        def _resolve_weights(cls, weights):
             w = super()._resolve_weights(weights)
             return type(w)(path=w.path, sha256="f" * 64, is_default=False)
 

@@ -190,3 +190,38 @@ def test_reading_threads_beside_a_gpu_run_torch_single_threaded():
     assert torch.get_num_threads() == before
     with _one_thread_per_reader(False):
         assert torch.get_num_threads() == before
+
+
+def test_an_unchanged_folder_is_synced_without_loading_the_model(tmp_path, folder, use_fake_model):
+    with imgindex.Index.create(tmp_path / "idx") as index:
+        first = index.sync(folder)
+    assert first.embedded == 8 and set(first.stage_seconds) >= {"reading", "network", "storing"}
+    with imgindex.Index.open(tmp_path / "idx") as index:
+        again = index.sync(folder)
+        assert counts(again)["unchanged"] == 8 and again.embedded == 0
+        assert index._vectorizer is None and "loading the model" not in again.stage_seconds
+        random_image(folder / "new.png", seed=99)
+        added = index.sync(folder)
+        assert added.embedded == 1 and "loading the model" in added.stage_seconds
+
+
+def test_other_weights_are_refused_even_when_nothing_needs_embedding(
+    tmp_path, folder, use_fake_model, monkeypatch
+):
+    from imgindex.errors import IncompatibleIndexError
+
+    with imgindex.Index.create(tmp_path / "idx") as index:
+        index.sync(folder)
+
+    class OtherWeights(use_fake_model):
+        @classmethod
+        def _resolve_weights(cls, weights):
+            w = super()._resolve_weights(weights)
+            return type(w)(path=w.path, sha256="f" * 64, is_default=False)
+
+    monkeypatch.setattr(imgindex.index, "Vectorizer", OtherWeights)
+    with (
+        imgindex.Index.open(tmp_path / "idx") as index,
+        pytest.raises(IncompatibleIndexError, match="built with weights 000000000000"),
+    ):
+        index.sync(folder)
