@@ -314,6 +314,7 @@ class _Build:
         if not todo:
             return
         known_shas = frozenset(self.by_sha)
+        self.max_pixels  # noqa: B018 - loads the model here, before reading threads ask for it
         if workers is None:
             workers = default_workers(self.vectorizer.device)
         ahead = 4 * self.vectorizer.batch_size
