@@ -209,12 +209,12 @@ def make_views(rgb: np.ndarray, k: int, size: int, rng: random.Random) -> np.nda
     width, height = image.size
     out = np.empty((k, size, size, 3), dtype=np.uint8)
     for view in range(k):
-        source = image
-        if rng.random() < 0.25:
-            angle = rng.uniform(-20, 20)
-            source = image.rotate(angle, resample=Image.BILINEAR, fillcolor=_MEAN_RGB)
+        angle = rng.uniform(-20, 20) if rng.random() < 0.25 else None
         box = _random_box(width, height, rng)
-        crop = source.resize((size, size), Image.BILINEAR, box=box)
+        if angle is None:
+            crop = image.resize((size, size), Image.BILINEAR, box=box)
+        else:
+            crop = _rotated_crop(image, angle, box, size)
         if rng.random() < 0.5:
             crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
         if rng.random() < 0.2:
@@ -224,6 +224,38 @@ def make_views(rgb: np.ndarray, k: int, size: int, rng: random.Random) -> np.nda
             crop = Image.open(buffer).convert("RGB")
         out[view] = np.asarray(crop)
     return out
+
+
+def _rotated_crop(image: Any, angle: float, box: tuple[int, int, int, int], size: int) -> Any:
+    """``image.rotate(angle, ...).resize((size, size), box=box)``, rotating only the part of the
+    picture the crop reads: its box, widened by the resize filter's reach (clipped to the
+    picture, as the rotated picture is). The same pixels to within one level, in two thirds of
+    the time (the whole picture was rotated for every rotated view)."""
+    from PIL import Image
+
+    x0, y0, x1, y1 = box
+    width, height = image.size
+    reach = math.ceil(max((x1 - x0) / size, (y1 - y0) / size, 1.0)) + 1
+    left, top = max(0, x0 - reach), max(0, y0 - reach)
+    right, bottom = min(width, x1 + reach), min(height, y1 + reach)
+    # Pillow's rotation about the centre, as the map from output to input pixels (the
+    # coefficients rounded as Image.rotate rounds them), moved to the region's corner.
+    theta = -math.radians(angle % 360.0)
+    a, b = round(math.cos(theta), 15), round(math.sin(theta), 15)
+    d, e = round(-math.sin(theta), 15), round(math.cos(theta), 15)
+    cx, cy = width / 2, height / 2
+    c = a * (left - cx) + b * (top - cy) + cx
+    f = d * (left - cx) + e * (top - cy) + cy
+    region = image.transform(
+        (right - left, bottom - top),
+        Image.AFFINE,
+        (a, b, c, d, e, f),
+        resample=Image.BILINEAR,
+        fillcolor=_MEAN_RGB,
+    )
+    return region.resize(
+        (size, size), Image.BILINEAR, box=(x0 - left, y0 - top, x1 - left, y1 - top)
+    )
 
 
 def _random_box(width: int, height: int, rng: random.Random) -> tuple[int, int, int, int]:

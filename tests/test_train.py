@@ -3,6 +3,7 @@ pixels), so every property is checked in seconds; one slow test fine-tunes the r
 
 import json
 import os
+import random
 from pathlib import Path
 
 import numpy as np
@@ -190,6 +191,22 @@ def test_photometric_augmentation():
     assert torch.equal(out, again)
     changed = (out - views.float() / 255).abs().amax((1, 2, 3))
     assert (changed > 0.01).sum() >= 10  # most views are changed, each in its own way
+
+
+def test_a_rotated_view_is_the_crop_of_the_rotated_picture():
+    from PIL import Image
+
+    from imgindex.train import _MEAN_RGB, _random_box, _rotated_crop
+
+    rng = random.Random(3)
+    photo = Image.open(DATA / "Leopards" / "image_0002.jpg").convert("RGB")
+    for size in (32, 224):
+        for _ in range(12):
+            angle, box = rng.uniform(-20, 20), _random_box(*photo.size, rng)
+            whole = photo.rotate(angle, resample=Image.BILINEAR, fillcolor=_MEAN_RGB)
+            expected = np.asarray(whole.resize((size, size), Image.BILINEAR, box=box), int)
+            got = np.asarray(_rotated_crop(photo, angle, box, size), int)
+            assert np.abs(got - expected).max() <= 1 and np.abs(got - expected).mean() < 0.1
 
 
 def test_augnet_loss_against_a_direct_computation():
