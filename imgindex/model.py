@@ -439,9 +439,13 @@ class Preprocessing:
 
     def normalize(self, batch: torch.Tensor) -> torch.Tensor:
         """N x 3 x h x w uint8 -> float32 network input."""
-        mean = device_constant(self.mean, batch.device).view(1, 3, 1, 1)
-        std = device_constant(self.std, batch.device).view(1, 3, 1, 1)
-        return (batch.float() / 255.0 - mean) / std
+        return self.standardize(batch.float() / 255.0)
+
+    def standardize(self, x: torch.Tensor) -> torch.Tensor:
+        """N x 3 x h x w values in [0, 1] (augmented training views, say) -> network input."""
+        mean = device_constant(self.mean, x.device).view(1, 3, 1, 1)
+        std = device_constant(self.std, x.device).view(1, 3, 1, 1)
+        return (x - mean) / std
 
 
 PRESETS = {

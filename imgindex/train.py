@@ -797,8 +797,10 @@ def train_step(
     import torch
 
     device = views.device
-    inputs = _normalize(photometric(views, generator)).contiguous(
-        memory_format=_memory(str(device))
+    inputs = (
+        PRESETS["exact"]
+        .standardize(photometric(views, generator))
+        .contiguous(memory_format=_memory(str(device)))
     )
     with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
         embeddings = network(inputs)
@@ -875,10 +877,3 @@ def _progress(step: int, steps: int | None, elapsed: float, minutes: float | Non
 def _cosine(progress: float) -> float:
     """Cosine decay of the learning rate to a tenth over the budget."""
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def _normalize(x: torch.Tensor) -> torch.Tensor:
-    preprocessing = PRESETS["exact"]
-    mean = device_constant(preprocessing.mean, x.device).view(1, 3, 1, 1)
-    std = device_constant(preprocessing.std, x.device).view(1, 3, 1, 1)
-    return (x - mean) / std
