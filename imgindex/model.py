@@ -542,7 +542,7 @@ class _Scratch:
     """Reusable buffers of one thread, by name, grown to the largest size asked for (up to
     ``keep_bytes`` in all; beyond that, arrays are allocated afresh)."""
 
-    keep_bytes = 64 << 20
+    keep_bytes = 32 << 20  # a 12 MP photo needs about 22 MB
     _threads = threading.local()
 
     def __init__(self) -> None:
