@@ -3,6 +3,7 @@
 import importlib.metadata
 import pickle
 import shutil
+import threading
 from pathlib import Path
 
 import cv2
@@ -282,3 +283,15 @@ def test_device_constants_are_made_once_and_serve_training_too():
     weights = torch.ones(2, requires_grad=True)
     (weights * first).sum().backward()  # an inference tensor could not be saved for this
     assert weights.grad.tolist() == [0.5, 2.0]
+
+
+def test_resize_beyond_the_kept_scratch_memory(monkeypatch):
+    from imgindex.model import _Scratch
+
+    monkeypatch.setattr(_Scratch, "keep_bytes", 100_000)  # less than this image's arrays
+    monkeypatch.setattr(_Scratch, "_threads", threading.local())  # this test's own buffers
+    image = np.random.default_rng(9).integers(0, 256, (500, 700, 3), dtype=np.uint8)
+    for _ in range(2):
+        ours = opencv_bilinear_resize(image, 490, 350)
+        assert np.array_equal(ours, cv2.resize(image, (490, 350), interpolation=cv2.INTER_LINEAR))
+    assert sum(b.nbytes for b in _Scratch.of_this_thread().buffers.values()) <= 100_000
