@@ -236,6 +236,10 @@ class _Build:
         self._notify()
         try:
             self._process(todo, workers)
+            # Files skipped since the last commit (or while walking, when nothing needed reading).
+            if self.skips_to_record:
+                self.store.record_skipped(self.skips_to_record)
+                self.skips_to_record.clear()
             if remove_missing and self.gone:
                 self.report.removed = self.store.remove(self.gone)
             self._forget_vanished_skips(roots, walked_texts)
@@ -382,9 +386,6 @@ class _Build:
         for shape in list(buckets):
             self._embed(buckets.pop(shape))
         self._store_started()
-        if self.skips_to_record:
-            self.store.record_skipped(self.skips_to_record)
-            self.skips_to_record.clear()
         self._notify()
 
     def _decode_jpegs(self, buckets: dict[tuple[int, ...], list[_Read]]) -> int:

@@ -93,6 +93,9 @@ def test_unlistable_folder_does_not_lose_its_entries(index, folder, monkeypatch)
     report = index.sync(folder)
     assert report.removed == 0 and index.find(folder / "locked" / "a.png") is not None
     assert [s.reason for s in report.skipped] == ["cannot list folder (Permission denied)"]
+    # Nothing needed reading in that build, and still the reason is kept (info --skipped).
+    assert report.embedded == 0
+    assert [r for _, r in index.skipped()] == ["cannot list folder (Permission denied)"]
 
 
 def test_moved_onto_an_existing_path_replaces_it(index, folder):
