@@ -14,7 +14,7 @@ import sqlite3
 import sys
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -395,9 +395,7 @@ def _ingest(
 
     timer = StageTimer(verbose)
 
-    for path in paths:
-        if not os.path.lexists(path):
-            raise click.BadParameter(f"{path}: no such file or folder", param_hint="PATHS")
+    _require_existing(paths, "PATHS")
     location = index_path or default_index_path()
     created = not (location / DB_NAME).exists()
     args = {"weights": weights, "device": device, "batch_size": batch_size}
@@ -439,6 +437,13 @@ def _ingest(
         _print_report(report, location, info)
     if strict and report.skipped:
         raise click.ClickException(f"--strict: {len(report.skipped)} file(s) were skipped")
+
+
+def _require_existing(paths: Iterable[Path], param_hint: str) -> None:
+    """A usage error naming the first of ``paths`` that does not exist (a broken link exists)."""
+    for path in paths:
+        if not os.path.lexists(path):
+            raise click.BadParameter(f"{path}: no such file or folder", param_hint=param_hint)
 
 
 def _print_stages(report: Any, device: str) -> None:
@@ -883,9 +888,7 @@ def evaluate(
     from imgindex.evaluate import evaluate_index, labels_from_csv, labels_from_folders
     from imgindex.index import Index
 
-    for folder in folders:
-        if not os.path.lexists(folder):
-            raise click.BadParameter(f"{folder}: no such file or folder", param_hint="FOLDERS")
+    _require_existing(folders, "FOLDERS")
     if not folders and labels_csv is None and index_path is None:
         raise click.UsageError("give FOLDERS of labelled images, --labels CSV, or --index")
     csv_labels = labels_from_csv(labels_csv, group_column) if labels_csv else None
@@ -1070,9 +1073,7 @@ def train(
     from imgindex.train import EvalSet, TrainOptions
     from imgindex.train import train as run_training
 
-    for folder in folders:
-        if not os.path.lexists(folder):
-            raise click.BadParameter(f"{folder}: no such file or folder", param_hint="FOLDERS")
+    _require_existing(folders, "FOLDERS")
     if minutes is None and steps is None:
         minutes = 10.0
     options = TrainOptions(
