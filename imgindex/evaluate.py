@@ -15,8 +15,9 @@ Re-identification data adds *groups* (cameras): an image with the query's label 
 group is neither relevant nor irrelevant but left out of the ranking, as in the Market-1501
 protocol (Zheng et al., ICCV 2015), so that a person is found again only across cameras.
 
-Labels come from folder names or from a CSV file (``labels_for``); rankings come from exact
-search over vectors (``exact_rankings``) or from an index's own search (the ``eval`` command).
+Labels come from folder names (``labels_from_folders``) or from a CSV file
+(``labels_from_csv``); rankings come from exact search over vectors (``exact_rankings``) or from
+an index's own search (``evaluate_index``, behind the ``eval`` command).
 """
 
 from __future__ import annotations
@@ -311,14 +312,15 @@ def evaluate_index(
             f"the index holds {len(records)} of the {len(labels)} labelled images; at least two "
             "are needed (index them first)"
         )
+    info = index.info()
     if metrics is None:
-        metrics = index.info()["metrics"]
+        metrics = info["metrics"]
     ids = [r.id for r in records]
     position = {image_id: i for i, image_id in enumerate(ids)}
     names = [labels.label[r.path] for r in records]
     groups = [labels.group.get(r.path) for r in records] if labels.group else None
     n = len(ids)
-    exact = bool(index.info()["exact"])
+    exact = bool(info["exact"])
     if depth is None:
         depth = n - 1 if exact and n <= FULL_DEPTH_LIMIT else min(n - 1, 1000)
     depth = max(1, min(depth, n - 1))
@@ -330,7 +332,7 @@ def evaluate_index(
         if exact:
             # The flat index's search is exact (re-scored in float64): rank the same way here,
             # among the labelled images only, without making a result object per pair.
-            scores[metric] = score_ranked(exact_rankings(vectors, metric, depth), names, groups, ks)
+            scores[metric] = evaluate_vectors(vectors, names, groups, metric, ks, depth)
             continue
 
         def rankings(metric: str = metric) -> Iterator[tuple[int, np.ndarray]]:
