@@ -43,6 +43,7 @@ import numpy as np
 from imgindex.decode import DEFAULT_MAX_PIXELS, decode_image_bytes, read_file, read_image_file
 from imgindex.errors import ImageError, ImgIndexError, WeightsError
 from imgindex.evaluate import RetrievalScores, evaluate_vectors
+from imgindex.ingest import default_workers
 from imgindex.model import (
     ARCHS,
     EMBEDDING_DIM,
@@ -858,11 +859,10 @@ def _fit_shared_memory(workers: int, batch_bytes: int, folder: str = "/dev/shm")
 
 
 def _default_workers(device: str) -> int:
-    """Worker processes cutting views: none on a CPU (the network is the bottleneck and the
-    cores are busy with it), most of the cores beside a GPU."""
-    if not device.startswith("cuda"):
-        return 0
-    return max(2, min(16, (os.cpu_count() or 4) - 2))
+    """Worker processes cutting views: as many as a build's reading threads (none on a CPU,
+    where the network keeps the cores busy; most of them beside a GPU), and at least 2 then."""
+    readers = default_workers(device)
+    return max(2, readers) if readers else 0
 
 
 def _progress(step: int, steps: int | None, elapsed: float, minutes: float | None) -> float:
