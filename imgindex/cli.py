@@ -1070,7 +1070,7 @@ def train(
     `imgindex build FOLDER --weights OUT`.
     """
     from imgindex.files import walk_images
-    from imgindex.train import EvalSet, TrainOptions
+    from imgindex.train import TrainOptions
     from imgindex.train import train as run_training
 
     _require_existing(folders, "FOLDERS")
@@ -1084,7 +1084,7 @@ def train(
     say = functools.partial(click.echo, err=True)
     eval_set = None
     if eval_dir is not None or eval_labels is not None:
-        eval_set = _eval_set(eval_dir, eval_labels, EvalSet)
+        eval_set = _eval_set(eval_dir, eval_labels)
         say(f"Evaluation set: {len(eval_set)} images, {len(set(eval_set.labels))} labels.")
     say(f"Training on {len(images)} images (no labels used).")
     from imgindex.model import resolve_device
@@ -1142,9 +1142,10 @@ def train(
         sys.exit(130)
 
 
-def _eval_set(eval_dir: Path | None, eval_labels: Path | None, eval_set_type: Any) -> Any:
+def _eval_set(eval_dir: Path | None, eval_labels: Path | None) -> Any:
     from imgindex.evaluate import labels_from_csv, labels_from_folders
     from imgindex.files import walk_images
+    from imgindex.train import EvalSet
 
     if eval_labels is not None:
         labels = labels_from_csv(eval_labels)
@@ -1155,7 +1156,7 @@ def _eval_set(eval_dir: Path | None, eval_labels: Path | None, eval_set_type: An
         paths = [os.path.abspath(p) for p in walk_images([eval_dir])]
         labels = labels_from_folders(paths, [eval_dir])
     groups = [labels.group.get(p) for p in paths] if labels.group else None
-    return eval_set_type([Path(p) for p in paths], [labels.label[p] for p in paths], groups)
+    return EvalSet([Path(p) for p in paths], [labels.label[p] for p in paths], groups)
 
 
 class TrainProgressLine(StatusLine):

@@ -597,11 +597,13 @@ def _torchvision_decoder() -> tuple[Any, Any]:
 
 @contextlib.contextmanager
 def _one_thread_per_reader(enabled: bool) -> Iterator[None]:
-    """Run PyTorch's CPU operations single-threaded while reading threads resize images beside
-    a GPU. Otherwise every reading thread starts a parallel region as wide as the machine (14
-    threads x 16 on a 16-core host): the threads then spin against each other. The network is
-    on the GPU, so nothing else needs the CPU pool meanwhile. On 2 cores, 2 reading threads
-    read and resized 1 MP JPEGs 22% faster this way (benchmarks/ingest.py's reading stage)."""
+    """Run PyTorch's CPU operations single-threaded while reading threads work beside a GPU.
+    When the exact resize ran in torch, every reading thread started a parallel region as wide
+    as the machine (14 threads x 16 on a 16-core host) and the threads spun against each other;
+    on 2 cores, 2 reading threads read and resized 1 MP JPEGs 22% faster this way. The resize
+    now runs in numpy, so what this still keeps narrow is the building thread's CPU tensor work
+    (assembling batches) while the readers hold the cores (not measured since). The network is
+    on the GPU, so nothing else needs the CPU pool meanwhile."""
     if not enabled:
         yield
         return
