@@ -118,15 +118,14 @@ class BuildReport:
 
 ProgressCallback = Callable[[Progress], None]
 
-# The building thread's time, by stage (BuildReport.stage_seconds). With reading threads, "reading"
-# is the time it waited for them; without (on a CPU), the time it read itself.
-STAGES = {
-    "loading the model": "loading the network's weights (only when a file needs reading)",
-    "reading": "reading, decoding and resizing files (or waiting for the threads that do)",
-    "decoding on the device": "decoding JPEGs on the network's device (--decode device)",
-    "network": "starting batches on the network and waiting for their vectors",
-    "storing": "committing vectors and metadata to SQLite and FAISS",
-}
+# The building thread's time, by stage (BuildReport.stage_seconds), in this order.
+STAGES = (
+    "loading the model",  # the weights, only when some file needs reading
+    "reading",  # reading, decoding, resizing; with reading threads, waiting for them
+    "decoding on the device",  # JPEGs decoded where the network runs (--decode device)
+    "network",  # starting batches and waiting for their vectors
+    "storing",  # committing vectors and metadata to SQLite and FAISS
+)
 
 
 # Decode JPEGs on the device in batches of at most this many pixels (600 MB as RGB).
