@@ -13,7 +13,6 @@ import os
 import sqlite3
 import sys
 import time
-import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,8 @@ from typing import Any
 import click
 
 from imgindex.errors import ImgIndexError
+from imgindex.model import DEVICE_NAME
+from imgindex.store import path_text
 
 # ---------------------------------------------------------------------------------------------
 # Shared options
@@ -49,6 +50,7 @@ def model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         "--device",
         default="auto",
         show_default=True,
+        callback=_check_device,
         help="Where to run the network: auto (a GPU when there is one), cpu, cuda, cuda:N.",
     )(fn)
     fn = click.option(
@@ -60,6 +62,12 @@ def model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         "about 5e-5). auto: fp32 for the exact preset, bf16 for fast where supported.",
     )(fn)
     return fn
+
+
+def _check_device(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    if not DEVICE_NAME.fullmatch(value):
+        raise click.BadParameter(f"{value!r}: use auto, cpu, cuda or cuda:N")
+    return value
 
 
 def preset_option(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -236,11 +244,21 @@ def cli() -> None:
     imgindex eval labelled/             retrieval quality (mAP, recall@k) on labelled images
     imgindex train pics/ --out ft.pth   fine-tune AugNet on a collection, no labels needed
     """
-    # Our own pixel limit (--max-pixels) gives the user the real answer; Pillow's warning
-    # about the same images would only be noise on the terminal.
+    # Our own pixel limit (--max-pixels), checked on every header before decoding, is the one
+    # that applies: Pillow's (a warning at 89 MP, a refusal at 179 MP) would only add noise,
+    # or refuse what the user allowed with --max-pixels.
     from PIL import Image
 
-    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+    Image.MAX_IMAGE_PIXELS = None
+
+
+def max_pixels_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--max-pixels",
+        default=None,
+        type=click.IntRange(1),
+        help="Refuse images larger than this many pixels, before decoding. Default: 89,478,485.",
+    )(fn)
 
 
 def ingest_options(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -267,13 +285,7 @@ def ingest_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                 help="device: decode JPEGs in batches where the network runs (nvJPEG on a GPU; "
                 "vectors move by a cosine of about 5e-5). Other formats are decoded on the CPU.",
             ),
-            click.option(
-                "--max-pixels",
-                default=None,
-                type=click.IntRange(1),
-                help="Refuse images larger than this many pixels, before decoding. "
-                "Default: 89,478,485.",
-            ),
+            max_pixels_option,
             click.option(
                 "--strict", is_flag=True, help="Exit with status 1 if any file was skipped."
             ),
@@ -390,23 +402,27 @@ def _ingest(
     as_json: bool,
     index_type: Any = None,
 ) -> None:
+    from imgindex.errors import IndexExistsError
     from imgindex.index import Index, default_index_path
-    from imgindex.store import DB_NAME
+    from imgindex.store import database_state
 
     timer = StageTimer(verbose)
 
     _require_existing(paths, "PATHS")
     location = index_path or default_index_path()
-    created = not (location / DB_NAME).exists()
+    created = database_state(location) != "complete"
     args = {"weights": weights, "device": device, "batch_size": batch_size}
     args.update({"precision": precision, "preset": preset})
+    spec = None if index_type == "auto" else index_type
     if created:
-        spec = None if index_type == "auto" else index_type
-        index = Index.create(location, index_type=spec, **args)
-    else:
+        try:
+            index = Index.create(location, index_type=spec, wait=wait, on_wait=_say_waiting, **args)
+        except IndexExistsError:
+            created = False  # another process created it a moment ago
+    if not created:
         index = Index.open(location, create=True, **args)
         if index_type is not None:
-            index.set_index_type(None if index_type == "auto" else index_type)
+            index.set_index_type(spec, wait=wait, on_wait=_say_waiting)
     with index:
         if created and not as_json:
             click.echo(f"Created index {location}", err=True)
@@ -635,6 +651,7 @@ def _search_kwargs(options: dict[str, Any]) -> dict[str, Any]:
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
 @index_option
 @model_options
+@max_pixels_option
 @metric_option
 @search_options
 @verbose_option
@@ -646,6 +663,7 @@ def query(
     weights: Path | None,
     device: str,
     precision: str,
+    max_pixels: int | None,
     verbose: bool,
     as_json: bool,
     **options: Any,
@@ -653,7 +671,8 @@ def query(
     """Show the K indexed images most similar to each of IMAGES."""
     search = _search_kwargs(options)
     timer = StageTimer(verbose)
-    with _open_index(index_path, weights=weights, device=device, precision=precision) as index:
+    model = {"weights": weights, "device": device, "precision": precision, "max_pixels": max_pixels}
+    with _open_index(index_path, **model) as index:
         timer.done("open index")
         index.vectorizer  # noqa: B018 - load the model now, so its time is reported apart
         timer.done("load model")
@@ -662,7 +681,8 @@ def query(
         hits = index.search_by_vector(vectors, **search)
         timer.done("search")
         total = index.count()
-    _print_hits([os.path.abspath(p) for p in images], [str(p) for p in images], hits, total,
+    queries = [path_text(os.path.abspath(p)) for p in images]
+    _print_hits(queries, [str(p) for p in images], hits, total,
                 search["metric"], as_json)  # fmt: skip
 
 
@@ -1010,6 +1030,7 @@ def evaluate(
     "--device",
     default="auto",
     show_default=True,
+    callback=_check_device,
     help="auto (a GPU when there is one), cpu, cuda, cuda:N.",
 )
 @click.option(
@@ -1207,6 +1228,7 @@ def tune(index_path: Path | None, queries: int, k: int, as_json: bool) -> None:
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
 @model_options
 @preset_option
+@max_pixels_option
 @metric_option
 @verbose_option
 @json_option
@@ -1217,6 +1239,7 @@ def distance(
     device: str,
     precision: str,
     preset: str | None,
+    max_pixels: int | None,
     metric: str,
     verbose: bool,
     as_json: bool,
@@ -1227,8 +1250,9 @@ def distance(
 
     timer = StageTimer(verbose)
     vectorizer = Vectorizer(
-        device=device, weights=weights, precision=precision, preset=preset or "exact"
-    )
+        device=device, weights=weights, precision=precision, preset=preset or "exact",
+        max_pixels=max_pixels,
+    )  # fmt: skip
     timer.done("load model")
     vectors = vectorizer.vectorize(list(images))
     timer.done(f"embed {len(images)} image(s)")
@@ -1237,7 +1261,7 @@ def distance(
         print_json(
             {
                 "metric": metric,
-                "images": [os.path.abspath(p) for p in images],
+                "images": [path_text(os.path.abspath(p)) for p in images],
                 "matrix": [[round(float(v), 6) for v in row] for row in matrix],
             }
         )
@@ -1321,10 +1345,10 @@ def _is_default(sha: str) -> bool:
 def _open_index(index_path: Path | None, **kwargs: Any) -> Any:
     from imgindex.errors import IndexNotFoundError
     from imgindex.index import Index, default_index_path
-    from imgindex.store import DB_NAME
+    from imgindex.store import database_state
 
     path = index_path or default_index_path()
-    if not (path / DB_NAME).exists():
+    if database_state(path) == "none":
         source = click.get_current_context().get_parameter_source("index_path")
         if source == click.core.ParameterSource.COMMANDLINE:
             hint = f"build one with `imgindex build FOLDER --index {path}`"

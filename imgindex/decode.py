@@ -14,6 +14,7 @@ import hashlib
 import io
 import math
 import os
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,6 +69,11 @@ def read_file(path: Path) -> tuple[bytes, os.stat_result]:
     size describe the bytes even if the file is being replaced). Raises ImageError."""
     name = os.fsdecode(path)
     try:
+        # Opening a named pipe would wait for a writer, and /dev/zero never ends: look first
+        # (a link is followed, as for opening).
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode) and not stat.S_ISDIR(st.st_mode):
+            raise ImageError(name, "not a regular file (a pipe, socket or device)")
         with open(path, "rb") as fh:
             st = os.fstat(fh.fileno())
             data = fh.read()
@@ -99,7 +105,10 @@ def decode_image_bytes(
     except UnidentifiedImageError:
         raise ImageError(name, "not an image, or a format imgindex cannot read") from None
     except Image.DecompressionBombError as exc:
-        raise ImageError(name, f"refused before decoding: {exc}") from None
+        raise ImageError(
+            name, f"refused before decoding by Pillow's own limit (PIL.Image.MAX_IMAGE_PIXELS, "
+            f"which the imgindex command lifts; in Python, set it yourself): {exc}",
+        ) from None  # fmt: skip
     except (OSError, ValueError, SyntaxError) as exc:
         raise ImageError(name, f"cannot read image header ({exc})") from None
     check_pixel_count(im.size, name, max_pixels)

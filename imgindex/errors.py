@@ -34,5 +34,9 @@ class IncompatibleIndexError(ImgIndexError):
     """The index was made by other weights or preprocessing, or by a newer imgindex."""
 
 
+class IndexExistsError(IncompatibleIndexError):
+    """An index was to be created where one already exists."""
+
+
 class IndexLockedError(ImgIndexError):
     """Another process is writing to the index."""

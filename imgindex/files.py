@@ -86,6 +86,6 @@ def _walk_dir(root: Path, on_error: OnError) -> Iterator[Path]:
             if is_dir:
                 yield from walk(Path(entry.path))
             elif is_image_name(entry.name):
-                yield Path(entry.path)
+                yield Path(entry.path)  # reading refuses what is not a regular file
 
     yield from walk(root)

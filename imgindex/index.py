@@ -12,6 +12,8 @@ pipeline, and exact L2 / cosine search.
 
 from __future__ import annotations
 
+import numbers
+import operator
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -21,10 +23,10 @@ import numpy as np
 
 from imgindex import ann, ingest
 from imgindex.duplicates import DuplicateGroup, exact_pairs, group_pairs, neighbor_pairs
-from imgindex.errors import IncompatibleIndexError, WeightsError
+from imgindex.errors import IncompatibleIndexError, IndexExistsError, WeightsError
 from imgindex.model import PRESETS, Vectorizer, _split_batch, resolve_weights
 from imgindex.search import Hit, check_metric, rank_exactly
-from imgindex.store import DB_NAME, CheckReport, ImageRecord, Store, path_text
+from imgindex.store import CheckReport, ImageRecord, Store, database_state, path_text
 
 INDEX_ENV = "IMGINDEX_INDEX"
 
@@ -48,6 +50,7 @@ class Index:
     """
 
     def __init__(self, store: Store, vectorizer: Vectorizer | None = None, **vectorizer_args: Any):
+        _check_vectorizer_args(vectorizer_args)
         self._store = store
         self._vectorizer = vectorizer
         self._vectorizer_args = vectorizer_args
@@ -61,13 +64,24 @@ class Index:
         *,
         create: bool = False,
         vectorizer: Vectorizer | None = None,
+        index_type: str | ann.IndexSpec | None = None,
+        metric: str = "l2",
+        wait: float = 0.0,
         **vectorizer_args: Any,
     ) -> Index:
         """Open the index at ``path`` (default: :func:`default_index_path`); with ``create=True``
-        a missing index is created."""
-        path = Path(path) if path is not None else default_index_path()
-        if create and not (path / DB_NAME).exists():
-            return cls.create(path, vectorizer=vectorizer, **vectorizer_args)
+        a missing index is created (``index_type``, ``metric`` and ``wait`` as for
+        :meth:`create`; they do not change an existing index)."""
+        _check_vectorizer_args(vectorizer_args)
+        path = _index_path(path)
+        if create and database_state(path) != "complete":
+            try:
+                return cls.create(
+                    path, vectorizer=vectorizer, index_type=index_type, metric=metric, wait=wait,
+                    **vectorizer_args,
+                )  # fmt: skip
+            except IndexExistsError:
+                pass  # another process created it meanwhile: open theirs
         return cls(Store.open(path, writable=create), vectorizer, **vectorizer_args)
 
     @classmethod
@@ -78,25 +92,44 @@ class Index:
         vectorizer: Vectorizer | None = None,
         index_type: str | ann.IndexSpec | None = None,
         metric: str = "l2",
+        wait: float = 0.0,
+        on_wait: Callable[[str], None] | None = None,
         **vectorizer_args: Any,
     ) -> Index:
         """Create a new, empty index at ``path``; it records the vectorizer's weights and
         preprocessing (``preset="fast"`` for the fast preset) and the kind of vector index
         to keep (``index_type``: auto (default), flat, hnsw, ivf-flat, ivf-pq or
-        factory:STRING; ``metric`` is the one an approximate index is built for)."""
-        path = Path(path) if path is not None else default_index_path()
+        factory:STRING; ``metric`` is the one an approximate index is built for). Raises
+        :class:`~imgindex.errors.IndexExistsError` if there is one already; ``wait`` is how
+        long to wait for another process writing there (creating it, say)."""
+        _check_vectorizer_args(vectorizer_args)
+        path = _index_path(path)
         spec = _as_spec(index_type, metric)
+        if database_state(path) == "complete":  # before loading the model for nothing
+            raise IndexExistsError(f"{path}: an index already exists here")
         args = {k: v for k, v in vectorizer_args.items() if v is not None}
         vectorizer = vectorizer or Vectorizer(**args)
-        store = Store.create(path, vectorizer.fingerprint(), spec)
+        store = Store.create(path, vectorizer.fingerprint(), spec, wait=wait, on_wait=on_wait)
         return cls(store, vectorizer, **vectorizer_args)
 
-    def set_index_type(self, index_type: str | ann.IndexSpec | None, metric: str = "l2") -> None:
+    def set_index_type(
+        self,
+        index_type: str | ann.IndexSpec | None,
+        metric: str = "l2",
+        *,
+        wait: float = 0.0,
+        on_wait: Callable[[str], None] | None = None,
+    ) -> None:
         """Keep another kind of vector index from now on (None or "auto": auto). It is built
         from the stored vectors, without embedding anything, at the next save (the end of the
         next sync, or :meth:`repair`)."""
+        spec = _as_spec(index_type, metric)
         store = self._writable_store()
-        store.request_index(_as_spec(index_type, metric))
+        store.lock(wait, on_wait)  # not while another process builds the index
+        try:
+            store.request_index(spec)
+        finally:
+            store.unlock()
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -345,7 +378,8 @@ class Index:
                 **options: Any) -> list[Hit]:  # fmt: skip
         """Nearest images to an indexed image, given by id or path, using its stored vector (no
         embedding); the image itself is left out."""
-        record = self.get(image) if isinstance(image, int) else self.find(image)
+        is_id = isinstance(image, numbers.Integral) and not isinstance(image, bool)
+        record = self.get(int(image)) if is_id else self.find(image)
         if record is None:
             raise KeyError(f"{image} is not in the index {self.path}")
         vector = self._store.vectors([record.id])[0]
@@ -373,6 +407,7 @@ class Index:
         ``exclude`` leaves out the given ids.
         """
         check_metric(metric)
+        k = _check_k(k)
         if max_distance is not None and metric != "l2":
             raise ValueError("max_distance applies to the l2 metric; use min_similarity")
         if min_similarity is not None and metric != "cosine":
@@ -483,6 +518,35 @@ class Index:
             "files": sizes,
             "bytes_on_disk": sum(sizes.values()),
         }
+
+
+VECTORIZER_ARGS = ("weights", "device", "batch_size", "precision", "preset", "max_pixels")
+
+
+def _check_vectorizer_args(args: dict[str, Any]) -> None:
+    unknown = sorted(set(args) - set(VECTORIZER_ARGS))
+    if unknown:
+        raise TypeError(
+            f"unexpected argument(s) {', '.join(unknown)}; the vectorizer takes "
+            f"{', '.join(VECTORIZER_ARGS)}"
+        )
+
+
+def _check_k(k: Any) -> int:
+    """``k`` as an int of at least 1 (numpy integers welcome); ValueError otherwise."""
+    try:
+        if isinstance(k, bool):
+            raise TypeError
+        k = operator.index(k)
+    except TypeError:
+        raise ValueError(f"k must be a whole number of results, not {k!r}") from None
+    if k < 1:
+        raise ValueError(f"k must be at least 1, not {k}")
+    return k
+
+
+def _index_path(path: str | os.PathLike[str] | None) -> Path:
+    return Path(path).expanduser() if path is not None else default_index_path()
 
 
 def candidates_for(spec: ann.IndexSpec, k: int) -> int:

@@ -94,6 +94,7 @@ class BuildReport:
     total: int = 0  # images in the index afterwards
     # Where the building thread spent its time: see STAGES.
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)  # nothing failed, but look
 
     @property
     def images_per_second(self) -> float:
@@ -113,6 +114,7 @@ class BuildReport:
             "images_per_second": round(self.images_per_second, 2),
             "total": self.total,
             "stage_seconds": {k: round(v, 3) for k, v in self.stage_seconds.items()},
+            "warnings": self.warnings,
         }
 
 
@@ -152,6 +154,14 @@ class _Read:
 
 
 _Outcome = tuple[Path, "_Read | ImageError"]  # a file, and what reading it gave
+
+
+def _is_empty_folder(path: Path) -> bool:
+    try:
+        with os.scandir(path) as entries:
+            return next(entries, None) is None
+    except OSError:
+        return False  # not a folder, or not listable (walking reported that)
 
 
 def build(
@@ -270,10 +280,24 @@ class _Build:
 
     def _find_gone(self, roots: list[Path], walked: set[str]) -> None:
         """Entries under ``roots`` whose files no longer exist. A file that exists but was not
-        walked (in a folder that could not be listed, say) is not gone."""
+        walked (in a folder that could not be listed, say) is not gone. Nor are the entries
+        under a root folder that is empty: more likely a drive not mounted than a collection
+        deleted, and re-embedding it all would take long."""
         for text, row in self.known.items():
             if text not in walked and _under(text, roots) and not os.path.lexists(row.raw):
                 self.gone[row.id] = text
+        for root in roots:
+            if not _is_empty_folder(root):
+                continue
+            kept = [i for i, text in self.gone.items() if _under(text, [root])]
+            for image_id in kept:
+                del self.gone[image_id]
+            if kept:
+                self.report.warnings.append(
+                    f"{path_text(root)} is empty, but {len(kept)} indexed images were in it; "
+                    "they are kept (is a drive not mounted?). To drop them: imgindex remove "
+                    f"{path_text(root)}"
+                )
 
     def _forget_vanished_skips(self, roots: list[Path], walked: set[str]) -> None:
         vanished = [

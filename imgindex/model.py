@@ -21,6 +21,7 @@ import functools
 import hashlib
 import importlib.metadata
 import os
+import re
 import threading
 import warnings
 from collections import defaultdict
@@ -597,11 +598,16 @@ def _opencv_taps(
 # Vectorizer
 
 
+DEVICE_NAME = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
 def resolve_device(device: str | None) -> str:
     import torch
 
     if device in (None, "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
+    if not DEVICE_NAME.fullmatch(device):
+        raise ValueError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise WeightsError(f"device {device!r} was asked for, but PyTorch sees no CUDA GPU")
     return device
@@ -640,7 +646,7 @@ class Vectorizer:
         device: str = "auto",
         weights: str | os.PathLike[str] | None = None,
         batch_size: int | None = None,
-        max_pixels: int = DEFAULT_MAX_PIXELS,
+        max_pixels: int | None = None,
         preset: str = "exact",
         precision: str | None = None,
         pad_batches: bool | None = None,
@@ -654,7 +660,7 @@ class Vectorizer:
         # cores); a GPU wants many images at once.
         default_batch = 2 if self.device == "cpu" else 64
         self.batch_size = max(1, int(batch_size or default_batch))
-        self.max_pixels = max_pixels
+        self.max_pixels = max_pixels or DEFAULT_MAX_PIXELS
         self.preprocessing = PRESETS[preset]
         self.precision = (
             precision if precision in PRECISIONS else default_precision(preset, self.device)

@@ -40,7 +40,13 @@ import numpy as np
 
 from imgindex import ann
 from imgindex.ann import IndexSpec
-from imgindex.errors import IncompatibleIndexError, IndexLockedError, IndexNotFoundError
+from imgindex.errors import (
+    ImgIndexError,
+    IncompatibleIndexError,
+    IndexExistsError,
+    IndexLockedError,
+    IndexNotFoundError,
+)
 
 DB_NAME = "imgindex.db"
 FAISS_NAME = "vectors.faiss"
@@ -165,43 +171,87 @@ class Store:
         path: str | os.PathLike[str],
         fingerprint: dict[str, Any],
         index_spec: IndexSpec | None = None,
+        wait: float = 0.0,
+        on_wait: Any = None,
     ) -> Store:
         """Create a new, empty index folder recording which vectors it will hold and which
-        kind of vector index to keep (None: auto)."""
+        kind of vector index to keep (None: auto).
+
+        Creation holds the write lock (waiting up to ``wait`` seconds for another writer, as
+        :meth:`lock`) and moves a complete database into place with one rename, so a crash
+        leaves either no index or a whole one, and two processes creating the same index at
+        once cannot both succeed: the second gets :class:`IndexExistsError`. Files of an
+        earlier index in the folder (a FAISS file whose database was deleted, an unfinished
+        database) are removed first: their ids would otherwise be taken for the new ones'."""
         path = Path(path)
-        if (path / DB_NAME).exists():
-            raise IncompatibleIndexError(f"{path}: an index already exists here")
         path.mkdir(parents=True, exist_ok=True)
-        db = _connect(path / DB_NAME)
-        _migrate(db, path)
-        with db.atomic():
-            db["meta"].insert_all(
-                [
-                    {"key": "format", "value": "imgindex"},
-                    {"key": "created_at", "value": _now()},
-                    {"key": "model", "value": fingerprint["model"]},
-                    {"key": "weights_sha256", "value": fingerprint["weights_sha256"]},
-                    {"key": "dim", "value": str(fingerprint["dim"])},
-                    {"key": "preprocessing", "value": json.dumps(fingerprint["preprocessing"])},
-                    {
-                        "key": "index_requested",
-                        "value": "auto" if index_spec is None else json.dumps(index_spec.as_dict()),
-                    },
-                ]
-            )
-        return cls(path, db, writable=True)
+        lock = _take_lock(path, wait, on_wait)
+        try:
+            state = database_state(path)
+            if state == "complete":
+                raise IndexExistsError(f"{path}: an index already exists here")
+            if state == "foreign":
+                raise IncompatibleIndexError(
+                    f"{path}: {DB_NAME} is not an imgindex database; choose another folder"
+                )
+            for name in (DB_NAME, DB_NAME + "-wal", DB_NAME + "-shm", FAISS_NAME):
+                with contextlib.suppress(FileNotFoundError):
+                    (path / name).unlink()
+            for leftover in [*path.glob(f".{FAISS_NAME}.*.tmp"), *path.glob(f".{DB_NAME}.*")]:
+                leftover.unlink()
+            settings = {
+                "format": "imgindex",
+                "created_at": _now(),
+                "model": fingerprint["model"],
+                "weights_sha256": fingerprint["weights_sha256"],
+                "dim": str(fingerprint["dim"]),
+                "preprocessing": json.dumps(fingerprint["preprocessing"]),
+                "index_requested": "auto"
+                if index_spec is None
+                else json.dumps(index_spec.as_dict()),
+            }
+            # Built under another name in rollback-journal mode (a WAL database cannot be renamed
+            # safely), then renamed into place: the rename is the moment the index exists.
+            building = path / f".{DB_NAME}.{os.getpid()}.new"
+            db = _connect(building, wal=False)
+            try:
+                _migrate(db, path)
+                with db.atomic():
+                    db["meta"].insert_all([{"key": k, "value": v} for k, v in settings.items()])
+            finally:
+                db.close()
+            os.replace(building, path / DB_NAME)
+            _fsync_folder(path)
+            store = cls.open(path, writable=True)
+        finally:
+            lock.close()
+        return store
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], writable: bool = False) -> Store:
         """Open an existing index folder; raises IndexNotFoundError when there is none."""
         path = Path(path)
-        if not (path / DB_NAME).is_file():
+        state = database_state(path)
+        if state in ("none", "unfinished"):
+            unfinished = " (only an unfinished one, whose creation was interrupted)"
             raise IndexNotFoundError(
-                f"{path}: no index here (create one with `imgindex build FOLDER --index {path}`)"
+                f"{path}: no index here{unfinished if state == 'unfinished' else ''} "
+                f"(create one with `imgindex build FOLDER --index {path}`)"
             )
-        db = _connect(path / DB_NAME)
-        _migrate(db, path, apply=writable)
-        return cls(path, db, writable=writable)
+        if state == "foreign":
+            raise IncompatibleIndexError(f"{path}: {DB_NAME} is not an imgindex database")
+        if writable and not os.access(path, os.W_OK):
+            raise ImgIndexError(
+                f"{path}: the index folder cannot be written (permissions, or a read-only "
+                "mount); commands that only read it still work"
+            )
+        db = _connect(path / DB_NAME, read_only=not writable)
+        try:
+            _migrate(db, path, apply=writable)
+            return cls(path, db, writable=writable)
+        except BaseException:
+            db.close()
+            raise
 
     def close(self) -> None:
         if self.writable:
@@ -245,32 +295,7 @@ class Store:
         waiting starts."""
         if self._lock_fh is not None:
             return
-        fh = open(self.path / LOCK_NAME, "a+")  # noqa: SIM115 - held open while locked
-        deadline = time.monotonic() + max(0.0, wait)
-        told = False
-        while True:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                fh.seek(0)
-                holder = fh.read().strip() or "another process"
-                if time.monotonic() >= deadline:
-                    fh.close()
-                    waited = f" after waiting {wait:g} s" if wait > 0 else ""
-                    raise IndexLockedError(
-                        f"{self.path}: another imgindex process ({holder}) is writing to this "
-                        f"index{waited}; let it finish, or wait for it with --wait SECONDS"
-                    ) from None
-                if on_wait is not None and not told:
-                    on_wait(holder)
-                    told = True
-                time.sleep(0.1)
-        fh.seek(0)
-        fh.truncate()
-        fh.write(f"pid {os.getpid()}")
-        fh.flush()
-        self._lock_fh = fh
+        self._lock_fh = _take_lock(self.path, wait, on_wait)
         # Holding the lock, no one else is writing: temporary files are leftovers of a crash.
         for leftover in self._temporary_files():
             with contextlib.suppress(FileNotFoundError):
@@ -475,6 +500,8 @@ class Store:
         """Record a new size / modification time for an image whose content is unchanged."""
         self._require_writable()
         with self.db.atomic():
+            # A file that failed to read (keeping its entry) and reads again is not skipped.
+            self.db.execute("DELETE FROM skipped WHERE path = ?", [path_text(image.path)])
             self.db.execute(
                 "UPDATE images SET size = ?, mtime = ? WHERE id = ?",
                 [image.size, image.mtime, image_id],
@@ -821,13 +848,92 @@ def _id_chunks(ids: Sequence[int], size: int = 500) -> Iterator[tuple[list[int],
         yield chunk, ",".join("?" * len(chunk))
 
 
-def _connect(path: Path) -> Any:
+def database_state(path: Path) -> str:
+    """What the index folder ``path`` holds: "none" (no database), "unfinished" (a database
+    whose creation was interrupted: empty, or without settings, by an imgindex older than the
+    rename in :meth:`Store.create`), "foreign" (some other SQLite file) or "complete"."""
+    db_path = path / DB_NAME
+    if not db_path.is_file():
+        return "none"
+    if db_path.stat().st_size == 0:
+        return "unfinished"
+    import sqlite3
+
+    try:
+        conn = sqlite3.connect(f"{db_path.resolve().as_uri()}?mode=ro", uri=True)
+    except sqlite3.Error:
+        return "complete"  # opening it properly will say what is wrong
+    try:
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
+        if "meta" not in tables:
+            return "unfinished" if not tables or tables <= {"_migrations"} else "foreign"
+        if conn.execute("SELECT 1 FROM meta WHERE key = 'dim'").fetchone() is None:
+            return "unfinished"
+        return "complete"
+    except sqlite3.Error:
+        return "complete"
+    finally:
+        conn.close()
+
+
+def _take_lock(path: Path, wait: float, on_wait: Any) -> Any:
+    """The index's write lock (an flock on ``write.lock``, released by closing the file)."""
+    fh = open(path / LOCK_NAME, "a+")  # noqa: SIM115 - held open while locked
+    deadline = time.monotonic() + max(0.0, wait)
+    told = False
+    while True:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            if time.monotonic() >= deadline:
+                fh.close()
+                waited = f" after waiting {wait:g} s" if wait > 0 else ""
+                raise IndexLockedError(
+                    f"{path}: another imgindex process ({holder}) is writing to this "
+                    f"index{waited}; let it finish, or wait for it with --wait SECONDS"
+                ) from None
+            if on_wait is not None and not told:
+                on_wait(holder)
+                told = True
+            time.sleep(0.1)
+    fh.seek(0)
+    fh.truncate()
+    fh.write(f"pid {os.getpid()}")
+    fh.flush()
+    return fh
+
+
+def _fsync_folder(path: Path) -> None:
+    """Make a rename in ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _connect(path: Path, read_only: bool = False, wal: bool = True) -> Any:
+    import sqlite3
+
     import sqlite_utils
 
-    db = sqlite_utils.Database(path)
-    db.execute("PRAGMA journal_mode = WAL")
-    db.execute("PRAGMA synchronous = NORMAL")
-    db.execute("PRAGMA foreign_keys = ON")
+    if read_only:
+        # A reader changes nothing (the journal mode is a property of the file), so it also
+        # works where the folder cannot be written: a read-only mount or share.
+        uri = f"{path.resolve().as_uri()}?mode=ro"
+        if not os.access(path.parent, os.W_OK) and not os.path.exists(f"{path}-shm"):
+            # SQLite cannot make the shared-memory file a WAL reader needs; nothing can be
+            # writing to a folder nobody may write to, so read the file as it stands.
+            uri += "&immutable=1"
+        db = sqlite_utils.Database(sqlite3.connect(uri, uri=True))
+    else:
+        db = sqlite_utils.Database(path)
+        db.execute(f"PRAGMA journal_mode = {'WAL' if wal else 'DELETE'}")
+        db.execute("PRAGMA synchronous = NORMAL")
+        db.execute("PRAGMA foreign_keys = ON")
     db.execute("PRAGMA busy_timeout = 10000")
     return db
 

@@ -150,6 +150,7 @@ def test_usage_errors(tmp_path):
     assert_one_line_error(imgindex("query", "x.jpg", "--metric", "manhattan"), 2, "manhattan")
     assert_one_line_error(imgindex("build", tmp_path / "nowhere"), 2, "no such file or folder")
     assert_one_line_error(imgindex("query", "x.jpg", "-k", "0"), 2, "0")
+    assert_one_line_error(imgindex("query", "x.jpg", "--device", "banana"), 2, "banana")
     assert_one_line_error(imgindex("frobnicate"), 2, "No such command")
 
 
@@ -341,3 +342,32 @@ def test_index_types_similar_duplicates_and_tune(run, tmp_path, photos):
     back = run("build", photos, "--index", index, "--index-type", "flat")
     assert "Nothing to embed" in back.stdout
     assert json.loads(run("info", "--index", index, "--json").stdout)["index"]["kind"] == "flat"
+
+
+def test_json_names_a_query_as_the_index_names_its_file(run, tmp_path):
+    """A file name that is not UTF-8 is written the same way (escaped) as the query and as the
+    hit, so the JSON is valid and a script can match the two."""
+    folder = tmp_path / "pics"
+    folder.mkdir()
+    raw = os.path.join(os.fsencode(folder), b"caf\xe9.png")
+    random_image(Path(os.fsdecode(raw)))
+    run("build", folder, "--index", tmp_path / "idx")
+    result = run("query", os.fsdecode(raw), "--index", tmp_path / "idx", "--json")
+    [entry] = json.loads(result.stdout_bytes.decode("utf-8"))
+    assert entry["query"] == entry["results"][0]["path"] == f"{folder}/caf\\xe9.png"
+    matrix = json.loads(run("distance", os.fsdecode(raw), "--json").stdout_bytes.decode("utf-8"))
+    assert matrix["images"] == [entry["query"]]
+
+
+def test_the_pixel_limit_is_imgindexs_own(run, tmp_path, monkeypatch):
+    """Pillow refuses images above twice its own limit before imgindex's check can allow them
+    (--max-pixels above 179 MP did nothing); the command lifts Pillow's, ours applies."""
+    from PIL import Image
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 64 x 48 images exceed twice this
+    image = random_image(tmp_path / "pics" / "a.png")
+    built = json.loads(run("build", image.parent, "--index", tmp_path / "idx", "--json").stdout)
+    assert built["added"] == 1 and built["skipped"] == []
+    refused = run("query", image, "--index", tmp_path / "idx", "--max-pixels", "100", ok=False)
+    assert refused.exit_code == 1 and "over the limit of 0.0 MP" in refused.stderr
+    run("query", image, "--index", tmp_path / "idx", "--max-pixels", "5000")

@@ -41,6 +41,8 @@ EXPECTED_SKIPS = {
     "broken-link.jpg": "file not found",
     "locked.png": "permission denied",
     "loop": "symbolic link loop",
+    "pipe.jpg": "not a regular file",  # opening it would wait for a writer for ever
+    "endless.jpg": "not a regular file",  # a link to /dev/zero: reading it never ends
 }
 
 
@@ -77,6 +79,8 @@ def make_hostile_folder(root: Path) -> Path:
     random_image(d / "locked.png", seed=5)
     os.symlink(d / "nowhere.jpg", d / "broken-link.jpg")
     os.symlink(d, d / "loop")  # a folder linking to its parent
+    os.mkfifo(d / "pipe.jpg")
+    os.symlink("/dev/zero", d / "endless.jpg")
     (d / "empty-folder").mkdir()
     (d / "no-images").mkdir()
     (d / "no-images" / "notes.txt").write_text("nothing to see")

@@ -168,3 +168,52 @@ def test_interrupted_build_keeps_committed_batches_and_resumes(tmp_path, photos,
         report = index.add(photos)
         assert (report.unchanged, report.added, index.count()) == (committed, 36 - committed, 36)
         assert len({r.path for r in index.records()}) == 36
+
+
+def test_open_with_create_takes_the_same_arguments_whether_or_not_the_index_exists(
+    tmp_path, photos, fake_vectorizer
+):
+    for _ in range(2):  # creates, then opens
+        with imgindex.Index.open(
+            tmp_path / "idx", create=True, vectorizer=fake_vectorizer, index_type="flat"
+        ) as index:
+            index.add(photos / "pizza")
+            assert len(index.search(photos / "pizza" / "image_0001.jpg", k=2)) == 2
+    with pytest.raises(TypeError, match="devcie"):
+        imgindex.Index.open(tmp_path / "idx", devcie="cpu")
+    with pytest.raises(imgindex.IndexExistsError, match="already exists"):
+        imgindex.Index.create(tmp_path / "idx", vectorizer=fake_vectorizer)
+
+
+def test_k_must_be_a_whole_number_of_at_least_one(tmp_path, photos, fake_vectorizer):
+    with imgindex.Index.create(tmp_path / "idx", vectorizer=fake_vectorizer) as index:
+        index.add(photos / "pizza")
+        vector = index.vectors([1])[0]
+        assert len(index.search_by_vector(vector, k=np.int64(3))) == 3
+        for bad in (0, -1, 2.5, None, True):
+            with pytest.raises(ValueError, match="k must be"):
+                index.search_by_vector(vector, k=bad)
+        # Ids as numpy hands them out work wherever ids do.
+        [first] = index.search_by_vector(vector, k=1)
+        ids = np.array([first.id])
+        assert index.similar(ids[0], k=2)[0].id != first.id
+        assert index.get(ids[0]).id == first.id
+
+
+def test_an_empty_root_folder_keeps_its_entries(tmp_path, photos, fake_vectorizer):
+    """A folder that is suddenly empty (a drive not mounted) does not cost every vector: its
+    entries stay, with a warning saying how to drop them. Files deleted from a folder that still
+    has files are removed as before."""
+    with imgindex.Index.create(tmp_path / "idx", vectorizer=fake_vectorizer) as index:
+        index.add(photos / "pizza")
+        count = len(index)
+        (photos / "pizza" / "image_0001.jpg").unlink()
+        report = index.sync([photos / "pizza"])
+        assert report.removed == 1 and report.warnings == []
+        for path in (photos / "pizza").iterdir():
+            path.unlink()
+        report = index.sync([photos / "pizza"])
+        assert report.removed == 0 and len(index) == count - 1
+        [warning] = report.warnings
+        assert "is empty" in warning and f"imgindex remove {photos / 'pizza'}" in warning
+        assert index.remove([photos / "pizza"]) == count - 1

@@ -147,3 +147,90 @@ def test_second_writer_is_refused_while_the_first_holds_the_lock(tmp_path):
         [sys.executable, "-c", code, str(tmp_path / "idx")], capture_output=True, text=True
     )
     assert out.stdout == "" and out.returncode == 0
+
+
+def test_a_new_index_removes_the_vectors_of_a_deleted_database(tmp_path):
+    """Deleting imgindex.db by hand left vectors.faiss behind; the new database reuses ids 1, 2,
+    ..., which the old file holds with other vectors. They must not be taken for the new ones."""
+    store = Store.create(tmp_path / "idx", FINGERPRINT)
+    store.write_batch(images(3), vectors(3, seed=1))
+    store.save_vector_index()
+    store.close()
+    for name in os.listdir(tmp_path / "idx"):
+        if name.startswith(DB_NAME):
+            os.remove(tmp_path / "idx" / name)
+    assert (tmp_path / "idx" / FAISS_NAME).exists()
+    store = Store.create(tmp_path / "idx", FINGERPRINT)
+    store.write_batch(images(2), vectors(2, seed=2))
+    assert_consistent(store)
+    np.testing.assert_array_equal(store.vector_index.reconstruct([1, 2]), vectors(2, seed=2))
+    assert store.check(check_files=False).problems == []
+
+
+def test_an_unfinished_index_is_no_index_and_is_created_afresh(tmp_path):
+    """A database whose creation stopped half-way (empty, or tables without settings: what an
+    older imgindex left when killed while creating) is reported as such and replaced."""
+    import sqlite3
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / DB_NAME).write_bytes(b"")
+    with sqlite3.connect(tmp_path / "half.db") as conn:
+        conn.execute("CREATE TABLE _migrations (name TEXT PRIMARY KEY, applied_at TEXT)")
+        conn.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+    conn.close()
+    (tmp_path / "half").mkdir()
+    os.replace(tmp_path / "half.db", tmp_path / "half" / DB_NAME)
+    for name in ("empty", "half"):
+        with pytest.raises(IndexNotFoundError, match="unfinished"):
+            Store.open(tmp_path / name)
+        store = Store.create(tmp_path / name, FINGERPRINT)
+        assert store.fingerprint() == FINGERPRINT
+        store.close()
+        assert Store.open(tmp_path / name).count() == 0
+
+
+def test_another_programs_database_is_not_replaced(tmp_path):
+    import sqlite3
+
+    (tmp_path / "idx").mkdir()
+    with sqlite3.connect(tmp_path / "idx" / DB_NAME) as conn:
+        conn.execute("CREATE TABLE songs (title TEXT)")
+    conn.close()
+    with pytest.raises(IncompatibleIndexError, match="not an imgindex database"):
+        Store.create(tmp_path / "idx", FINGERPRINT)
+    with pytest.raises(IncompatibleIndexError, match="not an imgindex database"):
+        Store.open(tmp_path / "idx")
+    with sqlite3.connect(tmp_path / "idx" / DB_NAME) as conn:
+        assert conn.execute("SELECT count(*) FROM songs").fetchone() == (0,)
+    conn.close()
+
+
+def test_creating_waits_for_whoever_holds_the_lock_and_then_finds_their_index(tmp_path):
+    """Two processes creating one index: the second waits on the lock (or is refused without
+    --wait), then sees the first's index instead of creating a second one over it."""
+    from imgindex.errors import IndexExistsError
+    from imgindex.store import _take_lock
+
+    path = tmp_path / "idx"
+    path.mkdir()
+    held = _take_lock(path, 0, None)
+    with pytest.raises(IndexLockedError, match="another imgindex process"):
+        Store.create(path, FINGERPRINT)
+    assert not (path / DB_NAME).exists()
+    held.close()
+    Store.create(path, FINGERPRINT).close()
+    with pytest.raises(IndexExistsError, match="already exists"):
+        Store.create(path, FINGERPRINT, wait=1)
+    assert sorted(p.name for p in path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_readers_open_the_database_read_only(tmp_path):
+    """A reader writes nothing (no journal-mode switch), so a read-only mount can be read."""
+    import sqlite3
+
+    Store.create(tmp_path / "idx", FINGERPRINT).close()
+    reader = Store.open(tmp_path / "idx")
+    with pytest.raises(sqlite3.OperationalError, match="readonly"):
+        reader.db.execute("CREATE TABLE x (a)")
+    assert reader.count() == 0
+    reader.close()

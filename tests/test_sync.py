@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -80,6 +81,7 @@ def test_deleted_files_are_removed_unless_kept(index, folder):
 
 def test_only_files_under_the_given_folders_are_removed(index, tmp_path, folder):
     other = random_image(tmp_path / "elsewhere" / "x.png")
+    (other.parent / "notes.txt").write_text("not empty")  # an empty folder keeps its entries
     index.sync([folder, other.parent])
     other.unlink()
     assert index.sync(folder).removed == 0  # x.png is not under pics/
@@ -228,3 +230,20 @@ def test_other_weights_are_refused_even_when_nothing_needs_embedding(
         pytest.raises(IncompatibleIndexError, match="built with weights 000000000000"),
     ):
         index.sync(folder)
+
+
+def test_a_file_that_reads_again_is_no_longer_skipped(tmp_path, photos, fake_vectorizer):
+    """A file that became unreadable keeps its entry and is listed as skipped; once its old
+    bytes are back (the same content, a new time), it is not skipped any more."""
+    path = photos / "pizza" / "image_0001.jpg"
+    original = path.read_bytes()
+    with imgindex.Index.create(tmp_path / "idx", vectorizer=fake_vectorizer) as index:
+        index.add(photos / "pizza")
+        path.write_bytes(b"garbage")
+        report = index.sync([photos / "pizza"])
+        assert [s.path for s in report.skipped] == [str(path)]
+        assert [p for p, _ in index.skipped()] == [str(path)]
+        path.write_bytes(original)
+        os.utime(path, (1e9, 1e9))
+        report = index.sync([photos / "pizza"])
+        assert report.skipped == [] and index.skipped() == []
