@@ -1212,10 +1212,14 @@ def tune(index_path: Path | None, queries: int, k: int, as_json: bool) -> None:
     with _open_index(index_path) as index:
         rows = measure(index, queries=queries, k=k)
         described = index.info()["index_type"]
+        total = index.count()
+    if not total and not as_json:
+        raise ImgIndexError(f"{index.path}: the index is empty; there is nothing to tune")
     if as_json:
         print_json({"index_type": described, "k": k, "rows": [r.as_dict() for r in rows]})
         return
-    click.echo(f"{described}: recall@{k} against exact search, {queries} sample queries")
+    sampled = min(queries, total)
+    click.echo(f"{described}: recall@{k} against exact search, {sampled} sample queries")
     click.echo(f"{'setting':<16}{'recall':>8}{'p50 ms':>9}{'p99 ms':>9}{'batch q/s':>11}")
     for row in rows:
         click.echo(

@@ -12,9 +12,11 @@ pipeline, and exact L2 / cosine search.
 
 from __future__ import annotations
 
+import functools
 import numbers
 import operator
 import os
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -40,6 +42,17 @@ def default_index_path() -> Path:
     return Path(data_home).expanduser() / "imgindex" / "default"
 
 
+def _serialized(method: Callable[..., Any]) -> Callable[..., Any]:
+    """One thread at a time in the index's methods (they share its SQLite connection)."""
+
+    @functools.wraps(method)
+    def serialized(self: Index, *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return serialized
+
+
 class Index:
     """An image index on disk. Open one with :meth:`open` or :meth:`create`.
 
@@ -47,10 +60,15 @@ class Index:
     :class:`~imgindex.model.Vectorizer` made on first use from ``vectorizer_args``: ``weights``,
     ``device``, ``batch_size``, ``precision`` and ``preset`` (by default the preset the index
     was built with). Its vectors must be of the kind the index holds, or it is refused.
+
+    An Index may be shared by threads (a web server's, say): its methods run one at a time,
+    except the embedding of :meth:`search`'s images, which runs in parallel. A long
+    :meth:`sync` holds it throughout; to search meanwhile, open a second Index.
     """
 
     def __init__(self, store: Store, vectorizer: Vectorizer | None = None, **vectorizer_args: Any):
         _check_vectorizer_args(vectorizer_args)
+        self._lock = threading.RLock()
         self._store = store
         self._vectorizer = vectorizer
         self._vectorizer_args = vectorizer_args
@@ -112,6 +130,7 @@ class Index:
         store = Store.create(path, vectorizer.fingerprint(), spec, wait=wait, on_wait=on_wait)
         return cls(store, vectorizer, **vectorizer_args)
 
+    @_serialized
     def set_index_type(
         self,
         index_type: str | ann.IndexSpec | None,
@@ -137,6 +156,7 @@ class Index:
     def path(self) -> Path:
         return self._store.path
 
+    @_serialized
     def close(self) -> None:
         self._store.close()
 
@@ -149,11 +169,13 @@ class Index:
     def __len__(self) -> int:
         return self._store.count()
 
+    @_serialized
     def count(self) -> int:
         """Number of images in the index."""
         return self._store.count()
 
     @property
+    @_serialized
     def vectorizer(self) -> Vectorizer:
         """The vectorizer, loaded on first use and checked against the index."""
         if self._vectorizer is None:
@@ -165,6 +187,7 @@ class Index:
         return self._vectorizer
 
     @property
+    @_serialized
     def preset(self) -> str:
         """The preprocessing preset the index's vectors were made with (exact or fast)."""
         return self._store.fingerprint()["preprocessing"].get("preset", "exact")
@@ -205,6 +228,7 @@ class Index:
 
     # -- adding -----------------------------------------------------------------------------
 
+    @_serialized
     def sync(
         self,
         folders: Any,
@@ -262,6 +286,7 @@ class Index:
             on_wait=on_wait,
         )
 
+    @_serialized
     def remove(
         self, paths: Any, *, wait: float = 0.0, on_wait: Callable[[str], None] | None = None
     ) -> int:
@@ -291,6 +316,7 @@ class Index:
         finally:
             store.unlock()
 
+    @_serialized
     def check(self, check_files: bool = True) -> CheckReport:
         """Verify the index (see :class:`~imgindex.store.CheckReport`); changes nothing. The
         weights check compares the index with the weights queries would use now."""
@@ -307,6 +333,7 @@ class Index:
             report.problems.append(f"weights: {weights_problem}")
         return report
 
+    @_serialized
     def repair(
         self,
         remove_missing: bool = False,
@@ -322,6 +349,7 @@ class Index:
         finally:
             store.unlock()
 
+    @_serialized
     def refresh(self) -> None:
         """See changes other processes committed since the index was opened (searches do this
         by themselves)."""
@@ -337,6 +365,7 @@ class Index:
 
     # -- looking up -------------------------------------------------------------------------
 
+    @_serialized
     def get(self, image_id: int) -> ImageRecord:
         """The stored record of image ``image_id``; KeyError if there is none."""
         record = self._store.get(image_id)
@@ -344,18 +373,22 @@ class Index:
             raise KeyError(f"no image with id {image_id} in {self.path}")
         return record
 
+    @_serialized
     def find(self, path: str | os.PathLike[str]) -> ImageRecord | None:
         """The record of an indexed file, by its path (relative paths are taken from the current
         folder), or None."""
         return self._store.get_by_path(os.path.abspath(path))
 
+    @_serialized
     def records(self) -> list[ImageRecord]:
         return list(self._store.records())
 
+    @_serialized
     def vectors(self, ids: list[int]) -> np.ndarray:
         """The stored vectors of images ``ids`` (``len(ids) x 768``)."""
         return self._store.vectors(ids)
 
+    @_serialized
     def skipped(self) -> list[tuple[str, str]]:
         """(path, reason) of the files the last builds could not index."""
         return self._store.skipped()
@@ -374,6 +407,7 @@ class Index:
         results = self.search_by_vector(vectors, k=k, metric=metric, **options)
         return results[0] if single else results
 
+    @_serialized
     def similar(self, image: int | str | os.PathLike[str], k: int = 10, metric: str = "l2",
                 **options: Any) -> list[Hit]:  # fmt: skip
         """Nearest images to an indexed image, given by id or path, using its stored vector (no
@@ -385,6 +419,7 @@ class Index:
         vector = self._store.vectors([record.id])[0]
         return self.search_by_vector(vector, k=k, metric=metric, exclude=[record.id], **options)
 
+    @_serialized
     def search_by_vector(
         self,
         vectors: Any,
@@ -454,6 +489,7 @@ class Index:
         ]
         return results[0] if single else results
 
+    @_serialized
     def duplicates(
         self,
         threshold: float,
@@ -492,6 +528,7 @@ class Index:
 
     # -- describing -------------------------------------------------------------------------
 
+    @_serialized
     def info(self) -> dict[str, Any]:
         """A description of the index: size, model, weights, preprocessing, files on disk."""
         store = self._store

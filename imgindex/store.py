@@ -916,6 +916,7 @@ def _fsync_folder(path: Path) -> None:
 
 
 def _connect(path: Path, read_only: bool = False, wal: bool = True) -> Any:
+    """A connection to the database (any thread may use it: Index lets one at a time)."""
     import sqlite3
 
     import sqlite_utils
@@ -928,9 +929,9 @@ def _connect(path: Path, read_only: bool = False, wal: bool = True) -> Any:
             # SQLite cannot make the shared-memory file a WAL reader needs; nothing can be
             # writing to a folder nobody may write to, so read the file as it stands.
             uri += "&immutable=1"
-        db = sqlite_utils.Database(sqlite3.connect(uri, uri=True))
+        db = sqlite_utils.Database(sqlite3.connect(uri, uri=True, check_same_thread=False))
     else:
-        db = sqlite_utils.Database(path)
+        db = sqlite_utils.Database(sqlite3.connect(path, check_same_thread=False))
         db.execute(f"PRAGMA journal_mode = {'WAL' if wal else 'DELETE'}")
         db.execute("PRAGMA synchronous = NORMAL")
         db.execute("PRAGMA foreign_keys = ON")

@@ -63,8 +63,8 @@ def install(point: str, nth: int) -> None:
 
     original_connect = store_module._connect
 
-    def connect(path):
-        db = original_connect(path)
+    def connect(path, *args, **kwargs):
+        db = original_connect(path, *args, **kwargs)
         execute = db.execute
 
         def traced(sql, *args, **kwargs):

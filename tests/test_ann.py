@@ -272,3 +272,15 @@ def test_changing_parameters_rebuilds_and_growth_does_not(tmp_path):
         assert store.vector_index is before  # more vectors: added, not rebuilt
         assert store.vector_index.spec.params["nlist"] == nlist and index.count() == 1500
         store.unlock()
+
+
+def test_tune_recall_counts_ties_and_small_indexes_right(tmp_path):
+    """Asking for more neighbours than there are images divides by the number there are, and of
+    identical vectors any one is a right answer: an exact index has recall 1.0 either way."""
+    vectors = augnet_like(12)
+    vectors[6:] = vectors[:6]  # six pairs of duplicates
+    with make_index(tmp_path, vectors, "flat") as index:
+        [row] = imgindex.evaluate.tune(index, queries=12, k=100)
+        assert row.recall == 1.0
+        [row] = imgindex.evaluate.tune(index, queries=12, k=1)
+        assert row.recall == 1.0

@@ -217,3 +217,21 @@ def test_an_empty_root_folder_keeps_its_entries(tmp_path, photos, fake_vectorize
         [warning] = report.warnings
         assert "is empty" in warning and f"imgindex remove {photos / 'pizza'}" in warning
         assert index.remove([photos / "pizza"]) == count - 1
+
+
+def test_one_index_serves_several_threads(tmp_path, photos, fake_vectorizer):
+    """Searches from a pool of threads (a web server's) on one Index give the answers one thread
+    gets, also while another thread adds images."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with imgindex.Index.create(tmp_path / "idx", vectorizer=fake_vectorizer) as index:
+        index.add(photos / "pizza")
+        queries = sorted((photos / "pizza").glob("*.jpg"))
+        expected = [[h.id for h in index.search(q, k=3)] for q in queries]
+        with ThreadPoolExecutor(4) as pool:
+            adding = pool.submit(index.add, photos / "bonsai")
+            found = list(pool.map(lambda q: [h.id for h in index.search(q, k=3)], queries * 5))
+            adding.result()
+        # Before the bonsai images are in, and after, a pizza's nearest are pizzas.
+        assert all(ids[0] == want[0] for ids, want in zip(found, expected * 5, strict=True))
+        assert len(index) == len(queries) + len(list((photos / "bonsai").glob("*.jpg")))
