@@ -13,6 +13,7 @@ Search a collection::
         hits = index.search("query.jpg", k=5)
 """
 
+from imgindex.duplicates import DuplicateGroup
 from imgindex.errors import (
     ImageError,
     ImgIndexError,
@@ -26,12 +27,14 @@ from imgindex.index import Index, default_index_path
 from imgindex.ingest import BuildReport, Skipped
 from imgindex.model import Vectorizer
 from imgindex.search import Hit, cosine_similarity, distance
-from imgindex.store import ImageRecord
+from imgindex.store import CheckReport, ImageRecord
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BuildReport",
+    "CheckReport",
+    "DuplicateGroup",
     "Hit",
     "ImageError",
     "ImageRecord",

@@ -106,7 +106,12 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except (OSError, sqlite3.Error) as exc:
             # The environment failed (a full disk, a read-only folder, a vanished mount): say
             # so in one line. What was committed before stays committed.
-            raise click.ClickException(f"{type(exc).__name__}: {exc}") from None
+            message = f"{type(exc).__name__}: {exc}"
+            if type(exc) is sqlite3.DatabaseError:  # "malformed", "not a database"
+                from imgindex.store import DAMAGED, DB_NAME
+
+                message += f" (the index's {DB_NAME} {DAMAGED})"
+            raise click.ClickException(message) from None
         except KeyboardInterrupt:
             click.echo("\nInterrupted.", err=True)
             sys.exit(130)
@@ -441,6 +446,15 @@ def _ingest(
                 wait=wait,
                 on_wait=_say_waiting,
             )
+        except KeyboardInterrupt:
+            bar.clear()
+            # Every batch committed before the interruption is kept (and its FAISS file saved).
+            click.echo(
+                f"\nInterrupted. The index keeps what was committed "
+                f"({_count(index.count(), 'image')} now); the same command goes on from there.",
+                err=True,
+            )
+            sys.exit(130)
         finally:
             bar.clear()
         timer.done("walk, read, embed and commit")
@@ -482,7 +496,9 @@ def _print_stages(report: Any, device: str) -> None:
 
 
 def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+    """``1 image``, ``2 images``; ``1 entry``, ``2 entries``."""
+    plural = noun[:-1] + "ies" if noun.endswith("y") else noun + "s"
+    return f"{n} {noun if n == 1 else plural}"
 
 
 def _print_report(report: Any, location: Path, info: dict[str, Any]) -> None:
@@ -525,7 +541,9 @@ def remove(paths: tuple[Path, ...], index_path: Path | None, wait: float, as_jso
     if as_json:
         print_json({"removed": removed, "total": remaining})
     else:
-        click.echo(f"Removed {removed} entries; {remaining} images remain.")
+        click.echo(f"Removed {_count(removed, 'entry')}; {_count(remaining, 'image')} remain.")
+        if not removed:
+            click.echo("(Nothing indexed is under those paths: imgindex info shows the index.)")
 
 
 @cli.command()
@@ -782,6 +800,9 @@ def duplicates(
     cropped copies), with the distances inside each group."""
     if threshold is None:
         threshold = DUPLICATE_THRESHOLDS[metric]
+    if (metric == "l2" and threshold < 0) or (metric == "cosine" and abs(threshold) > 1):
+        kind = "an L2 distance (0 or more)" if metric == "l2" else "a cosine (-1 to 1)"
+        raise click.BadParameter(f"{threshold:g} is not {kind}", param_hint="--threshold")
     with _open_index(index_path) as index:
         groups = index.duplicates(threshold, metric, under=under, neighbors=neighbors)
     if as_json:
@@ -1308,7 +1329,7 @@ def info(index_path: Path | None, skipped: bool, as_json: bool) -> None:
     weights_note = " (imgsim 0.1.2 model.pth)" if _is_default(details["weights_sha256"]) else ""
     rows = [
         ("Index", details["path"]),
-        ("Images", f"{details['images']} ({details['skipped']} files skipped)"),
+        ("Images", f"{details['images']} ({_count(details['skipped'], 'file')} skipped)"),
         ("Model", f"{details['model']} ({details['dim']}-number vectors)"),
         ("Weights", f"sha256 {details['weights_sha256']}{weights_note}"),
         (

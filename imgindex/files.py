@@ -1,8 +1,9 @@
 """Which files are images, and in what order: walking the folders a user points at.
 
 Walking is deterministic (sorted at every level) so two builds of the same folders see the files in
-the same order. Symbolic links to folders are followed once; a link that leads back into a folder
-already being walked (a loop) is not followed again.
+the same order. Symbolic links to folders are followed after the real folders, once: a folder
+reached both directly and through a link is indexed under its own path, and a link back into a
+folder it is in (a loop) is not followed.
 """
 
 from __future__ import annotations
@@ -58,8 +59,11 @@ def walk_images(
 
 
 def _walk_dir(root: Path, on_error: OnError) -> Iterator[Path]:
-    # (device, inode) of every folder on the current walk: a symlink to one of them is a loop.
-    visited: set[tuple[int, int]] = set()
+    # (device, inode) of every folder walked -> the path it was walked under.
+    walked: dict[tuple[int, int], Path] = {}
+    # Symbolic links to folders are followed after everything else, so a folder reached both
+    # directly and through a link is indexed under its own path.
+    links: list[Path] = []
 
     def walk(folder: Path) -> Iterator[Path]:
         try:
@@ -68,10 +72,14 @@ def _walk_dir(root: Path, on_error: OnError) -> Iterator[Path]:
             on_error(folder, f"cannot open folder ({exc.strerror or exc})")
             return
         key = (st.st_dev, st.st_ino)
-        if key in visited:
-            on_error(folder, "links to a folder already walked (symbolic link loop), not followed")
+        if key in walked:
+            target = os.path.realpath(folder)
+            if is_under(os.path.realpath(folder.parent), target):
+                on_error(folder, "links to a folder it is in (symbolic link loop), not followed")
+            else:
+                on_error(folder, f"links to a folder indexed as {walked[key]}, not followed")
             return
-        visited.add(key)
+        walked[key] = folder
         try:
             with os.scandir(folder) as it:
                 entries = sorted(it, key=lambda e: e.name)
@@ -83,9 +91,13 @@ def _walk_dir(root: Path, on_error: OnError) -> Iterator[Path]:
                 is_dir = entry.is_dir()  # follows symlinks
             except OSError:
                 is_dir = False
-            if is_dir:
+            if is_dir and entry.is_symlink():
+                links.append(Path(entry.path))
+            elif is_dir:
                 yield from walk(Path(entry.path))
             elif is_image_name(entry.name):
                 yield Path(entry.path)  # reading refuses what is not a regular file
 
     yield from walk(root)
+    while links:
+        yield from walk(links.pop(0))

@@ -25,7 +25,7 @@ import numpy as np
 
 from imgindex import ann, ingest
 from imgindex.duplicates import DuplicateGroup, exact_pairs, group_pairs, neighbor_pairs
-from imgindex.errors import IncompatibleIndexError, IndexExistsError, WeightsError
+from imgindex.errors import ImgIndexError, IncompatibleIndexError, IndexExistsError, WeightsError
 from imgindex.model import PRESETS, Vectorizer, _split_batch, resolve_weights
 from imgindex.search import Hit, check_metric, rank_exactly
 from imgindex.store import CheckReport, ImageRecord, Store, database_state, path_text
@@ -48,6 +48,8 @@ def _serialized(method: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(method)
     def serialized(self: Index, *args: Any, **kwargs: Any) -> Any:
         with self._lock:
+            if self._closed and method.__name__ != "close":
+                raise ImgIndexError(f"{self.path}: this Index was closed; open it again")
             return method(self, *args, **kwargs)
 
     return serialized
@@ -69,6 +71,7 @@ class Index:
     def __init__(self, store: Store, vectorizer: Vectorizer | None = None, **vectorizer_args: Any):
         _check_vectorizer_args(vectorizer_args)
         self._lock = threading.RLock()
+        self._closed = False
         self._store = store
         self._vectorizer = vectorizer
         self._vectorizer_args = vectorizer_args
@@ -158,7 +161,10 @@ class Index:
 
     @_serialized
     def close(self) -> None:
-        self._store.close()
+        """Release the database and the write lock; closing twice is harmless."""
+        if not self._closed:
+            self._closed = True
+            self._store.close()
 
     def __enter__(self) -> Index:
         return self
@@ -167,7 +173,7 @@ class Index:
         self.close()
 
     def __len__(self) -> int:
-        return self._store.count()
+        return self.count()
 
     @_serialized
     def count(self) -> int:
@@ -454,6 +460,8 @@ class Index:
             raise ValueError(
                 f"expected vectors of {self._store.dim} numbers, got {matrix.shape[1]}"
             )
+        if not np.isfinite(matrix).all():
+            raise ValueError("query vectors hold NaN or infinite numbers")
         excluded = {int(i) for i in exclude}
         params = ann.SearchParams(nprobe=nprobe, ef_search=ef_search)
         # The FAISS index and the rows are read at different moments; if a writer removed a

@@ -98,7 +98,10 @@ class BuildReport:
 
     @property
     def images_per_second(self) -> float:
-        return self.embedded / self.seconds if self.seconds > 0 else 0.0
+        """Embedding rate, not counting the time to load the model (so a new index, which
+        loads it before the build, and an existing one, which loads it during, compare)."""
+        seconds = self.seconds - self.stage_seconds.get("loading the model", 0.0)
+        return self.embedded / seconds if seconds > 0 else 0.0
 
     def as_dict(self) -> dict[str, Any]:
         return {

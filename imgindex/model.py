@@ -414,6 +414,8 @@ class Preprocessing:
         )
 
     def check(self, width: int, height: int, name: str) -> None:
+        if width < 1 or height < 1:
+            raise ImageError(name, f"image has no pixels ({width} x {height})")
         ratio = max(width, height) / min(width, height)
         if ratio > self.max_aspect_ratio:
             raise ImageError(

@@ -49,6 +49,11 @@ from imgindex.errors import (
 )
 
 DB_NAME = "imgindex.db"
+# What to say of a database SQLite finds damaged; SQLite is the source of truth, so it is lost.
+DAMAGED = (
+    "is damaged or not an SQLite database: restore the index folder from a backup, or build "
+    "a new index from the images"
+)
 FAISS_NAME = "vectors.faiss"
 LOCK_NAME = "write.lock"
 
@@ -245,10 +250,17 @@ class Store:
                 f"{path}: the index folder cannot be written (permissions, or a read-only "
                 "mount); commands that only read it still work"
             )
+        import sqlite3
+
         db = _connect(path / DB_NAME, read_only=not writable)
         try:
             _migrate(db, path, apply=writable)
             return cls(path, db, writable=writable)
+        except sqlite3.DatabaseError as exc:
+            db.close()
+            if isinstance(exc, sqlite3.OperationalError):
+                raise
+            raise IncompatibleIndexError(f"{path}: {DB_NAME} {DAMAGED} ({exc})") from None
         except BaseException:
             db.close()
             raise
@@ -715,9 +727,15 @@ class Store:
 
     def check(self, weights_sha256: str | None = None, check_files: bool = True) -> CheckReport:
         """Verify the index without changing it. See CheckReport."""
+        import sqlite3
+
         report = CheckReport()
         db = self.db
-        integrity = db.execute("PRAGMA quick_check").fetchone()[0]
+        try:
+            integrity = db.execute("PRAGMA quick_check").fetchone()[0]
+        except sqlite3.DatabaseError as exc:  # too damaged to check
+            report.problems.append(f"{DB_NAME} {DAMAGED} (SQLite: {exc})")
+            return report
         if integrity != "ok":
             report.problems.append(f"SQLite reports damage: {integrity}")
         with self._snapshot():
@@ -891,9 +909,13 @@ def _take_lock(path: Path, wait: float, on_wait: Any) -> Any:
             if time.monotonic() >= deadline:
                 fh.close()
                 waited = f" after waiting {wait:g} s" if wait > 0 else ""
+                if holder == f"pid {os.getpid()}":
+                    who = "another Index object of this process is writing to this index"
+                else:
+                    who = f"another imgindex process ({holder}) is writing to this index"
                 raise IndexLockedError(
-                    f"{path}: another imgindex process ({holder}) is writing to this "
-                    f"index{waited}; let it finish, or wait for it with --wait SECONDS"
+                    f"{path}: {who}{waited}; let it finish, or wait for it "
+                    "(--wait SECONDS; in Python, wait=SECONDS)"
                 ) from None
             if on_wait is not None and not told:
                 on_wait(holder)

@@ -228,7 +228,7 @@ def test_add_remove_check_repair(run, tmp_path, photos):
     assert checked.exit_code == 1 and "queries would be refused" in checked.stdout
 
     removed = run("remove", one, "--index", index)
-    assert removed.stdout.strip() == "Removed 1 entries; 6 images remain."
+    assert removed.stdout.strip() == "Removed 1 entry; 6 images remain."
 
     (photos / "pizza" / "image_0002.jpg").unlink()
     db = sqlite3.connect(index / "imgindex.db")
@@ -371,3 +371,24 @@ def test_the_pixel_limit_is_imgindexs_own(run, tmp_path, monkeypatch):
     refused = run("query", image, "--index", tmp_path / "idx", "--max-pixels", "100", ok=False)
     assert refused.exit_code == 1 and "over the limit of 0.0 MP" in refused.stderr
     run("query", image, "--index", tmp_path / "idx", "--max-pixels", "5000")
+
+
+def test_ctrl_c_says_what_the_index_kept(run, tmp_path, photos, monkeypatch):
+    import imgindex.store
+
+    original = imgindex.store.Store.write_batch
+    calls = []
+
+    def write_batch(self, *args, **kwargs):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(imgindex.store.Store, "write_batch", write_batch)
+    result = run("build", photos, "--index", tmp_path / "idx", "--batch-size", "4", ok=False)
+    assert result.exit_code == 130
+    assert "Interrupted. The index keeps what was committed (4 images now)" in result.stderr
+    monkeypatch.undo()
+    info = json.loads(run("info", "--index", tmp_path / "idx", "--json").stdout)
+    assert info["images"] == 4

@@ -60,3 +60,17 @@ def test_unreadable_folder_is_reported(tmp_path, monkeypatch):
     assert [(p.name, r) for p, r in errors] == [
         ("locked", "cannot list folder (Permission denied)")
     ]
+
+
+def test_a_folder_reached_directly_and_through_a_link_is_walked_under_its_own_path(tmp_path):
+    from .conftest import random_image
+
+    real = random_image(tmp_path / "photos" / "real" / "a.png")
+    os.symlink(tmp_path / "photos" / "real", tmp_path / "photos" / "alias")  # sorts first
+    os.symlink(tmp_path / "photos", tmp_path / "photos" / "real" / "up")  # a loop
+    errors = []
+    found = list(walk_images([tmp_path / "photos"], on_error=lambda p, r: errors.append((p, r))))
+    assert found == [real]
+    reasons = {p.name: r for p, r in errors}
+    assert reasons["alias"] == f"links to a folder indexed as {real.parent}, not followed"
+    assert reasons["up"] == "links to a folder it is in (symbolic link loop), not followed"

@@ -235,3 +235,31 @@ def test_one_index_serves_several_threads(tmp_path, photos, fake_vectorizer):
         # Before the bonsai images are in, and after, a pizza's nearest are pizzas.
         assert all(ids[0] == want[0] for ids, want in zip(found, expected * 5, strict=True))
         assert len(index) == len(queries) + len(list((photos / "bonsai").glob("*.jpg")))
+
+
+def test_misuse_gets_imgindex_errors_that_say_what_to_do(tmp_path, photos, fake_vectorizer):
+    index = imgindex.Index.create(tmp_path / "idx", vectorizer=fake_vectorizer)
+    index.add(photos / "pizza")
+    vector = index.vectors([1])[0]
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        index.search_by_vector(np.full(768, np.nan, np.float32))
+    with pytest.raises(imgindex.ImageError, match="no pixels"):
+        index.search(np.zeros((0, 0, 3), np.uint8))
+    # A second Index of this process writing is not "another process".
+    with imgindex.Index.open(tmp_path / "idx", create=True, vectorizer=fake_vectorizer) as other:
+        other._store.lock()
+        with pytest.raises(imgindex.IndexLockedError, match="another Index object of this proc"):
+            index.add(photos / "bonsai")
+    index.close()
+    index.close()
+    with pytest.raises(imgindex.ImgIndexError, match="was closed"):
+        index.search_by_vector(vector)
+    with pytest.raises(imgindex.ImgIndexError, match="was closed"):
+        len(index)
+
+
+def test_a_database_that_is_not_sqlite_is_named_with_a_way_forward(tmp_path):
+    (tmp_path / "idx").mkdir()
+    (tmp_path / "idx" / "imgindex.db").write_bytes(b"\x07" * 4096)
+    with pytest.raises(IncompatibleIndexError, match=f"{tmp_path / 'idx'}: imgindex.db is damag"):
+        imgindex.Index.open(tmp_path / "idx")
