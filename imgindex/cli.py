@@ -409,7 +409,7 @@ def _ingest(
 ) -> None:
     from imgindex.errors import IndexExistsError
     from imgindex.index import Index, default_index_path
-    from imgindex.store import database_state
+    from imgindex.store import database_state, disk_usage
 
     timer = StageTimer(verbose)
 
@@ -460,11 +460,11 @@ def _ingest(
         timer.done("walk, read, embed and commit")
         if verbose:
             _print_stages(report, index.vectorizer.device if report.embedded else "cpu")
-        info = index.info()
     if as_json:
         print_json({"index": str(location), **report.as_dict()})
     else:
-        _print_report(report, location, info)
+        # Measured once closed: closing folds the write-ahead log into the database.
+        _print_report(report, location, sum(disk_usage(location).values()))
     if strict and report.skipped:
         raise click.ClickException(f"--strict: {len(report.skipped)} file(s) were skipped")
 
@@ -501,7 +501,7 @@ def _count(n: int, noun: str) -> str:
     return f"{n} {noun if n == 1 else plural}"
 
 
-def _print_report(report: Any, location: Path, info: dict[str, Any]) -> None:
+def _print_report(report: Any, location: Path, bytes_on_disk: int) -> None:
     counts = (
         f"{report.added} added, {report.updated} updated, {report.renamed} renamed, "
         f"{report.removed} removed, {report.unchanged} unchanged, {len(report.skipped)} skipped"
@@ -521,7 +521,7 @@ def _print_report(report: Any, location: Path, info: dict[str, Any]) -> None:
             click.echo(f"  {display_path(item.path)}: {item.reason}")
         if len(report.skipped) > 20:
             click.echo(f"  ... and {len(report.skipped) - 20} more (imgindex info --skipped)")
-    click.echo(f"Index {location}: {report.total} images, {_size(info['bytes_on_disk'])} on disk.")
+    click.echo(f"Index {location}: {report.total} images, {_size(bytes_on_disk)} on disk.")
 
 
 @cli.command()

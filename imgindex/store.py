@@ -432,12 +432,7 @@ class Store:
         ]
 
     def disk_usage(self) -> dict[str, int]:
-        sizes = {}
-        for name in (DB_NAME, DB_NAME + "-wal", FAISS_NAME):
-            p = self.path / name
-            if p.exists():
-                sizes[name] = p.stat().st_size
-        return sizes
+        return disk_usage(self.path)
 
     # -- writing ----------------------------------------------------------------------------
 
@@ -878,7 +873,7 @@ def database_state(path: Path) -> str:
     import sqlite3
 
     try:
-        conn = sqlite3.connect(f"{db_path.resolve().as_uri()}?mode=ro", uri=True)
+        conn = sqlite3.connect(_read_only_uri(db_path), uri=True)
     except sqlite3.Error:
         return "complete"  # opening it properly will say what is wrong
     try:
@@ -892,6 +887,15 @@ def database_state(path: Path) -> str:
         return "complete"
     finally:
         conn.close()
+
+
+def disk_usage(path: Path) -> dict[str, int]:
+    """Bytes of each file of the index folder ``path`` (the write-ahead log while it is open)."""
+    sizes = {}
+    for name in (DB_NAME, DB_NAME + "-wal", FAISS_NAME):
+        with contextlib.suppress(FileNotFoundError):
+            sizes[name] = (path / name).stat().st_size
+    return sizes
 
 
 def _take_lock(path: Path, wait: float, on_wait: Any) -> Any:
@@ -937,6 +941,17 @@ def _fsync_folder(path: Path) -> None:
         os.close(fd)
 
 
+def _read_only_uri(path: Path) -> str:
+    """How a reader opens the database: read-only, since it changes nothing (the journal mode is
+    a property of the file), so that it also works where the folder cannot be written."""
+    uri = f"{path.resolve().as_uri()}?mode=ro"
+    if not os.access(path.parent, os.W_OK) and not os.path.exists(f"{path}-shm"):
+        # SQLite cannot make the shared-memory file a WAL reader needs; nothing can be writing
+        # to a folder nobody may write to, so read the file as it stands.
+        uri += "&immutable=1"
+    return uri
+
+
 def _connect(path: Path, read_only: bool = False, wal: bool = True) -> Any:
     """A connection to the database (any thread may use it: Index lets one at a time)."""
     import sqlite3
@@ -944,13 +959,7 @@ def _connect(path: Path, read_only: bool = False, wal: bool = True) -> Any:
     import sqlite_utils
 
     if read_only:
-        # A reader changes nothing (the journal mode is a property of the file), so it also
-        # works where the folder cannot be written: a read-only mount or share.
-        uri = f"{path.resolve().as_uri()}?mode=ro"
-        if not os.access(path.parent, os.W_OK) and not os.path.exists(f"{path}-shm"):
-            # SQLite cannot make the shared-memory file a WAL reader needs; nothing can be
-            # writing to a folder nobody may write to, so read the file as it stands.
-            uri += "&immutable=1"
+        uri = _read_only_uri(path)
         db = sqlite_utils.Database(sqlite3.connect(uri, uri=True, check_same_thread=False))
     else:
         db = sqlite_utils.Database(sqlite3.connect(path, check_same_thread=False))

@@ -214,7 +214,7 @@ def test_creating_waits_for_whoever_holds_the_lock_and_then_finds_their_index(tm
     path = tmp_path / "idx"
     path.mkdir()
     held = _take_lock(path, 0, None)
-    with pytest.raises(IndexLockedError, match="another imgindex process"):
+    with pytest.raises(IndexLockedError, match="is writing to this index"):
         Store.create(path, FINGERPRINT)
     assert not (path / DB_NAME).exists()
     held.close()
@@ -234,3 +234,24 @@ def test_readers_open_the_database_read_only(tmp_path):
         reader.db.execute("CREATE TABLE x (a)")
     assert reader.count() == 0
     reader.close()
+
+
+def test_an_index_in_a_folder_nobody_may_write_is_read_and_not_written(tmp_path, monkeypatch):
+    """A read-only mount: readers open the file as it stands (SQLite could not create its
+    shared-memory file there); writers are refused with a message saying why. (The folder is
+    made unwritable through os.access: chmod does not stop root, which CI may run as.)"""
+    from imgindex.errors import ImgIndexError
+
+    store = Store.create(tmp_path / "idx", FINGERPRINT)
+    store.write_batch(images(3), vectors(3))
+    store.save_vector_index()
+    store.close()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: mode != os.W_OK and real_access(p, mode))
+    reader = Store.open(tmp_path / "idx")
+    assert reader.count() == 3
+    assert_consistent(reader)
+    reader.close()
+    with pytest.raises(ImgIndexError, match="folder cannot be written"):
+        Store.open(tmp_path / "idx", writable=True)
+    assert sorted(os.listdir(tmp_path / "idx")) == [DB_NAME, FAISS_NAME, "write.lock"]
