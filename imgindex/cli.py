@@ -968,6 +968,9 @@ def evaluate(
 
     if index_path is not None:
         with _open_index(index_path, **model_args) as index:
+            if weights is not None:
+                # The stored vectors are scored; other weights would need another index.
+                index._check_without_the_model()
             run(index, 0)
         return
     # Files the CSV names but that do not exist are reported as "not in the index".
@@ -1152,20 +1155,29 @@ def train(
         line.clear()
         say(f"skipped {display_path(path)}: {reason}")
 
+    def on_interrupt() -> None:
+        line.clear()
+        say("Stopping after this step, which is saved (Ctrl-C again: at once, without it).")
+
     try:
         report = run_training(
             images, out, options, steps=steps, minutes=minutes, eval_set=eval_set,
             resume=resume, overwrite=force, device=device, precision=precision, workers=workers,
             checkpoint_minutes=checkpoint_minutes, checkpoint_every=checkpoint_every,
             on_progress=line, on_eval=on_eval, on_unreadable=on_unreadable,
+            on_interrupt=on_interrupt,
         )  # fmt: skip
     finally:
         line.clear()
     if as_json:
         print_json(report.as_dict())
+        if report.stopped_by == "interrupt":
+            sys.exit(130)
         return
     how = {"steps": "step budget reached", "minutes": "time budget reached"}
     how["interrupt"] = "interrupted"
+    if report.cut_short:
+        how["interrupt"] = "interrupted during a step; kept the last checkpoint"
     click.echo(
         f"Trained {report.steps_this_run} steps ({report.steps} in all) in "
         f"{_duration(report.seconds)}, {report.views_per_second:.0f} views/s with "
@@ -1178,8 +1190,11 @@ def train(
             f"mAP (l2) {first['mAP_l2']:.4f} at step {first['step']} -> {top['mAP_l2']:.4f} at "
             f"step {top['step']} (the weights in {out})."
         )
-    click.echo(f"Weights: {out}; resumable state: {report.last}.")
-    click.echo(f"Use them: imgindex build FOLDER --weights {out}")
+    if not report.last.exists():
+        click.echo("Nothing was saved: interrupted before the first checkpoint.")
+    else:
+        click.echo(f"Weights: {out}; resumable state: {report.last}.")
+        click.echo(f"Use them: imgindex build FOLDER --weights {out}")
     if report.stopped_by == "interrupt":
         sys.exit(130)
 

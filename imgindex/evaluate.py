@@ -143,11 +143,22 @@ def labels_from_folders(paths: Iterable[str], roots: Sequence[str | os.PathLike[
     return Labels(label=out, group={}, source="folders")
 
 
+def require_a_repeated_label(labels: Sequence[str]) -> None:
+    """Refuse labels that no two images share: no query would have anything to find, and every
+    score would be 0 (a set with one image per label measures nothing)."""
+    if len(set(labels)) == len(labels):
+        raise ImgIndexError(
+            f"each of the {len(labels)} labelled images has a label of its own: a query needs "
+            "another image of its label to find, so nothing can be measured"
+        )
+
+
 def labels_from_csv(csv_path: str | os.PathLike[str], group_column: str = "group") -> Labels:
     """Labels from a CSV file with a header naming a ``path`` and a ``label`` column (and,
-    optionally, ``group_column``). Relative paths are relative to the CSV file's folder."""
+    optionally, ``group_column``). Relative paths are relative to the CSV file's folder, as
+    reached (through symbolic links not resolved, as the index stores paths)."""
     csv_path = Path(csv_path)
-    base = csv_path.resolve().parent
+    base = Path(os.path.abspath(csv_path)).parent
     try:
         with open(csv_path, newline="", encoding="utf-8-sig") as fh:
             reader = csv.DictReader(fh)
@@ -157,6 +168,11 @@ def labels_from_csv(csv_path: str | os.PathLike[str], group_column: str = "group
                 raise ImgIndexError(
                     f"{csv_path}: the header must name the columns path and label "
                     f"(found: {', '.join(fields) or 'no header'})"
+                )
+            if group_column != "group" and group_column not in fields:
+                raise ImgIndexError(
+                    f"{csv_path}: no column {group_column!r} for the groups "
+                    f"(found: {', '.join(fields)})"
                 )
             label, group = {}, {}
             for line, row in enumerate(reader, start=2):
@@ -306,12 +322,18 @@ def evaluate_index(
     search over the stored vectors (the same ranking) for the flat one. ``metrics`` defaults to
     those the index serves; ``search_options`` go to ``search_by_vector`` (nprobe, ef_search).
     """
+    if not labels.label:
+        raise ImgIndexError(
+            f"no labelled images to evaluate (labels from {labels.source}; of an index, only "
+            "the images it holds under the folders given count)"
+        )
     records = [r for r in index.records() if r.path in labels.label]
     if len(records) < 2:
         raise ImgIndexError(
             f"the index holds {len(records)} of the {len(labels)} labelled images; at least two "
             "are needed (index them first)"
         )
+    require_a_repeated_label([labels.label[r.path] for r in records])
     info = index.info()
     if metrics is None:
         metrics = info["metrics"]

@@ -42,7 +42,7 @@ import numpy as np
 
 from imgindex.decode import DEFAULT_MAX_PIXELS, decode_image_bytes, read_file, read_image_file
 from imgindex.errors import ImageError, ImgIndexError, WeightsError
-from imgindex.evaluate import RetrievalScores, evaluate_vectors
+from imgindex.evaluate import RetrievalScores, evaluate_vectors, require_a_repeated_label
 from imgindex.ingest import default_workers
 from imgindex.model import (
     ARCHS,
@@ -150,6 +150,9 @@ class TrainReport:
     evaluations: list[EvalResult] = field(default_factory=list)  # this run's
     history: list[dict[str, Any]] = field(default_factory=list)  # every run's, oldest first
     unreadable: list[tuple[str, str]] = field(default_factory=list)
+    # Stopped at once (a second Ctrl-C) during a step: that step and those since the last
+    # checkpoint were dropped; ``steps`` is what the files hold.
+    cut_short: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -160,6 +163,7 @@ class TrainReport:
             "views_per_second": self.views_per_second,
             "seconds": self.seconds,
             "stopped_by": self.stopped_by,
+            "cut_short": self.cut_short,
             "workers": self.workers,
             "evaluations": self.history,
             "unreadable": [{"path": p, "reason": r} for p, r in self.unreadable],
@@ -495,6 +499,7 @@ class EvalSet:
         keep = [i for i, t in enumerate(tensors) if t is not None]
         if len(keep) < 2:
             raise ImgIndexError("the evaluation set needs at least two readable labelled images")
+        require_a_repeated_label([labels[i] for i in keep])
         self.tensors = [tensors[i] for i in keep]
         self.labels = [labels[i] for i in keep]
         self.groups = [groups[i] for i in keep] if groups else None
@@ -570,11 +575,18 @@ def train(
     on_eval: Callable[[EvalResult], None] | None = None,
     on_unreadable: Callable[[str, str], None] | None = None,
     stop: Callable[[], bool] | None = None,
+    on_interrupt: Callable[[], None] | None = None,
 ) -> TrainReport:
     """Train AugNet on ``images`` until ``steps`` steps in all (counting resumed ones) or
     ``minutes`` of this run, writing ``out`` (the best weights with ``eval_set``, else the
     latest) and its resumable ``.last.pth`` at every checkpoint and at the end. An existing
-    ``out`` is only replaced with ``resume`` or ``overwrite``."""
+    ``out`` is only replaced with ``resume`` or ``overwrite``.
+
+    Ctrl-C (SIGINT, when called from the main thread) stops after the step under way, which is
+    then saved, so a resumed run goes on exactly where this one stopped; ``on_interrupt`` is
+    called when it arrives. A second Ctrl-C stops at once and keeps the last checkpoint: a step
+    cut short would leave the network half-updated. So does a KeyboardInterrupt from elsewhere
+    that arrives during a step."""
     import torch
 
     if steps is None and minutes is None:
@@ -639,6 +651,7 @@ def train(
         pin_memory=on_gpu,
         prefetch_factor=2 if workers else None,
         persistent_workers=bool(workers),
+        worker_init_fn=_ignore_interrupts,  # Ctrl-C reaches them too; the loop decides
     )
     generator = torch.Generator(device=device)
     fingerprint = data_fingerprint(images)
@@ -682,7 +695,11 @@ def train(
             on_eval(result)
         return is_best
 
+    saved_step: int | None = None  # the step the checkpoint files of this run hold
+
     def save(step: int, improved: bool) -> None:
+        nonlocal saved_step
+        saved_step = step
         training = {"optimizer": optimizer.state_dict(), "step": step, "best": best}
         write_checkpoint(last, network, meta(step), training)
         if eval_set is None or improved:
@@ -704,7 +721,10 @@ def train(
     started = last_checkpoint = time.monotonic()
     steps_since_checkpoint = 0
     batches = iter(loader)
+    interrupted = _Interrupts(on_interrupt)
+    in_step = False
     try:
+        interrupted.install()
         while True:
             if steps is not None and step >= steps:
                 stopped_by = "steps"
@@ -713,7 +733,7 @@ def train(
             if minutes is not None and elapsed >= minutes * 60:
                 stopped_by = "minutes"
                 break
-            if stop is not None and stop():
+            if interrupted.requested or (stop is not None and stop()):
                 stopped_by = "interrupt"
                 break
             views, failed = next(batches)
@@ -739,9 +759,11 @@ def train(
                 group["lr"] = lr
             # Seeded per step, so a resumed run makes the same views as an uninterrupted one.
             generator.manual_seed(seed * 1_000_003 + step)
+            in_step = True
             loss = train_step(network, optimizer, x, count, options, generator, bf16)
             views_done += count * options.views_per_image
             step += 1
+            in_step = False
             steps_since_checkpoint += 1
             if step % sync_every == 0:
                 loss_value = float(loss.detach())
@@ -758,13 +780,19 @@ def train(
                 steps_since_checkpoint = 0
     except KeyboardInterrupt:
         stopped_by = "interrupt"
+        cut_short = in_step
+    else:
+        cut_short = False
     finally:
+        interrupted.uninstall()
         del batches
         torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32 = saved_flags
     if on_gpu:
         torch.cuda.synchronize()
     train_seconds = time.monotonic() - started - paused
-    if stopped_by == "interrupt":
+    if cut_short:
+        step = saved_step if saved_step is not None else start_step  # what the files hold
+    elif stopped_by == "interrupt":
         save(step, False)  # what was learnt stays; no evaluation on the way out
     elif steps_since_checkpoint or not last.exists():
         save(step, evaluate(step))
@@ -780,7 +808,45 @@ def train(
         evaluations=evaluations,
         history=history,
         unreadable=sorted(unreadable.items()),
+        cut_short=cut_short,
     )
+
+
+class _Interrupts:
+    """While installed (main thread only), the first SIGINT asks the training loop to stop
+    after its step; the second raises KeyboardInterrupt as usual."""
+
+    def __init__(self, on_interrupt: Callable[[], None] | None):
+        self.requested = False
+        self.on_interrupt = on_interrupt
+        self.previous: Any = None
+
+    def install(self) -> None:
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+
+    def uninstall(self) -> None:
+        import signal
+
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+            self.previous = None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        if self.on_interrupt is not None:
+            self.on_interrupt()
+
+
+def _ignore_interrupts(worker_id: int) -> None:
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def train_step(
@@ -818,8 +884,16 @@ def _resume_state(last: Path, resume: bool) -> dict[str, Any] | None:
     if not last.exists():
         raise ImgIndexError(f"{last}: no checkpoint to resume from (run without --resume)")
     checkpoint = read_checkpoint(last)
-    if checkpoint.training is None:
+    training = checkpoint.training
+    if not isinstance(training, dict) or not {"optimizer", "step"} <= training.keys():
         raise ImgIndexError(f"{last}: not a resumable checkpoint (it holds no optimizer state)")
+    if training["step"] != checkpoint.meta.get("steps"):
+        # The metadata is covered by the checkpoint's digest, the training state is not.
+        raise ImgIndexError(
+            f"{last}: its training state says step {training['step']}, its metadata "
+            f"{checkpoint.meta.get('steps')}: the file was changed; resume from another copy "
+            "or start over (--force)"
+        )
     saved = dict(checkpoint.meta.get("options", {}))
     known = set(TrainOptions.__dataclass_fields__)
     return {

@@ -208,6 +208,9 @@ def test_other_weights_are_refused_with_a_way_forward(tmp_path):
         "query", DATA / "pizza" / "image_0001.jpg", "--index", index, "--weights", other
     )
     assert_one_line_error(result, 1, "built with weights c2cb3cac8264", "--weights WEIGHTS")
+    # eval scores the stored vectors: other weights would silently measure the index's own.
+    result = imgindex("eval", "--index", index, "--weights", other)
+    assert_one_line_error(result, 1, "built with weights c2cb3cac8264")
     check = imgindex("check", "--index", index, "--weights", other)
     assert check.returncode == 1 and "queries would be refused" in check.stdout
     assert imgindex("check", "--index", index).returncode == 0

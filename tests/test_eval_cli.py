@@ -88,7 +88,14 @@ def test_eval_errors(run, tmp_path, photos):
     empty = tmp_path / "idx"
     run("build", photos / "pizza", "--index", empty)
     result = run("eval", photos / "bonsai", "--index", empty, ok=False)
-    assert result.exit_code == 1 and "the index holds 0 of the" in result.stderr
+    assert result.exit_code == 1 and "no labelled images to evaluate" in result.stderr
+    single = tmp_path / "single.csv"
+    rows = [f"{p},{p.parent.name}-{p.name}\n" for p in photos.glob("*/*")]
+    single.write_text("".join(["path,label\n", *rows]))
+    result = run("eval", "--labels", single, ok=False)
+    assert result.exit_code == 1 and "has a label of its own" in result.stderr
+    result = run("eval", "--labels", single, "--group-column", "camera", ok=False)
+    assert result.exit_code == 1 and "no column 'camera' for the groups" in result.stderr
 
 
 def test_eval_csv_relative_to_its_folder_and_missing_files(run, tmp_path, photos):

@@ -1,5 +1,7 @@
 """Retrieval metrics against values worked out by hand."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -152,3 +154,15 @@ def test_labels_under_folders(tmp_path):
         "z",
     ]
     assert labels.under([tmp_path / "a"]).source == labels.source
+
+
+def test_csv_paths_are_relative_to_the_folder_as_reached_through_a_link(tmp_path):
+    """The index stores paths as walked (a linked folder is not resolved); labels must name
+    the same paths, or they match nothing."""
+    from imgindex.evaluate import labels_from_csv
+
+    (tmp_path / "real").mkdir()
+    os.symlink(tmp_path / "real", tmp_path / "via")
+    (tmp_path / "real" / "labels.csv").write_text("path,label\npics/a.jpg,cat\n")
+    labels = labels_from_csv(tmp_path / "via" / "labels.csv")
+    assert list(labels.label) == [str(tmp_path / "via" / "pics" / "a.jpg")]

@@ -308,3 +308,68 @@ def test_training_on_unreadable_images_stops_with_a_reason(tmp_path):
     with pytest.raises(imgindex.ImgIndexError, match="fewer than two of the 3 training images"):
         train(sorted(folder.iterdir()), tmp_path / "ft.pth", TrainOptions(**TINY, seed=0),
               steps=5, device="cpu")  # fmt: skip
+
+
+def test_ctrl_c_stops_between_steps_and_a_second_one_keeps_the_last_checkpoint(
+    tmp_path, monkeypatch
+):
+    """The first SIGINT ends the run after the step under way (saved, so resuming matches an
+    uninterrupted run); an interrupt that cuts a step short saves nothing of it: the files keep
+    the last checkpoint, never a half-updated network."""
+    import signal
+
+    import imgindex.train
+
+    paths = images("pizza", "sea_horse")
+    options = TrainOptions(**TINY, images_per_step=4, seed=7)
+    straight = train(paths, tmp_path / "a.pth", options, steps=4, device="cpu")
+    asked = []
+
+    def ctrl_c(progress):
+        if progress.step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    first = train(paths, tmp_path / "b.pth", options, steps=4, device="cpu",
+                  on_progress=ctrl_c, on_interrupt=lambda: asked.append(1))  # fmt: skip
+    assert (first.steps, first.stopped_by, first.cut_short, asked) == (2, "interrupt", False, [1])
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    train(paths, tmp_path / "b.pth", options, steps=4, device="cpu", resume=True)
+
+    original = imgindex.train.train_step
+    calls = []
+
+    def step_cut_short(*args, **kwargs):
+        calls.append(1)
+        loss = original(*args, **kwargs)  # the network is updated...
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # ...and the step never finishes
+        return loss
+
+    monkeypatch.setattr(imgindex.train, "train_step", step_cut_short)
+    cut = train(paths, tmp_path / "c.pth", options, steps=4, device="cpu", checkpoint_every=2)
+    assert (cut.steps, cut.stopped_by, cut.cut_short) == (2, "interrupt", True)
+    assert read_checkpoint(cut.last).training["step"] == 2
+    monkeypatch.setattr(imgindex.train, "train_step", original)
+    train(paths, tmp_path / "c.pth", options, steps=4, device="cpu", resume=True)
+    a = state_of(straight.out)
+    for resumed in (state_of(tmp_path / "b.pth"), state_of(tmp_path / "c.pth")):
+        for key in a:
+            assert torch.allclose(a[key].float(), resumed[key].float(), atol=1e-6), key
+
+
+def test_a_resumable_state_that_was_changed_is_refused(tmp_path):
+    """The training state (optimizer, step) lies outside the checkpoint's digest: a step that
+    disagrees with the signed metadata, or a missing optimizer, is refused with a message."""
+    out = tmp_path / "ft.pth"
+    train(images("pizza"), out, TrainOptions(**TINY, images_per_step=3, seed=0), steps=1,
+          device="cpu")  # fmt: skip
+    last = last_path(out)
+    payload = torch.load(last, weights_only=True)
+    payload["training"]["step"] = 1000
+    torch.save(payload, last)
+    with pytest.raises(imgindex.ImgIndexError, match="says step 1000, its metadata 1"):
+        train(images("pizza"), out, steps=2, device="cpu", resume=True)
+    del payload["training"]["optimizer"]
+    torch.save(payload, last)
+    with pytest.raises(imgindex.ImgIndexError, match="not a resumable checkpoint"):
+        train(images("pizza"), out, steps=2, device="cpu", resume=True)
