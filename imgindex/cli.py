@@ -103,6 +103,11 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             return fn(*args, **kwargs)
         except ImgIndexError as exc:
             raise click.ClickException(str(exc)) from None
+        except BrokenPipeError:
+            # The reader went away (`imgindex eval | head`): stop quietly, as other tools do.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            sys.exit(1)
         except (OSError, sqlite3.Error) as exc:
             # The environment failed (a full disk, a read-only folder, a vanished mount): say
             # so in one line. What was committed before stays committed.
@@ -953,9 +958,12 @@ def evaluate(
             f"{source}{groups}); each image a query, {result.depth} results ranked."
         )
         if result.not_indexed:
-            click.echo(f"{result.not_indexed} labelled images are not in the index: left out.")
+            click.echo(
+                f"{_count(result.not_indexed, 'labelled image')} not in the index (missing "
+                "files, or files that could not be read): left out."
+            )
         if skipped:
-            click.echo(f"{skipped} files could not be read and were skipped.")
+            click.echo(f"{_count(skipped, 'file')} could not be read: skipped.")
         header = f"{'metric':<8}{'queries':>8}{'mAP':>8}"
         header += "".join(f"{'R@' + str(k):>8}" for k in ks)
         header += "".join(f"{'P@' + str(k):>8}" for k in ks)
@@ -1130,11 +1138,23 @@ def train(
     eval_set = None
     if eval_dir is not None or eval_labels is not None:
         eval_set = _eval_set(eval_dir, eval_labels)
-        say(f"Evaluation set: {len(eval_set)} images, {len(set(eval_set.labels))} labels.")
+        labels = _count(len(set(eval_set.labels)), "label")
+        say(f"Evaluation set: {_count(len(eval_set), 'image')}, {labels}.")
     say(f"Training on {len(images)} images (no labels used).")
     from imgindex.model import resolve_device
 
-    if resolve_device(device) == "cpu" and arch == "resnet50":
+    if resume:
+        context = click.get_current_context()
+        training_options = ("arch", "init", "images_per_step", "views_per_image", "crop_size")
+        training_options += ("loss", "lr", "freeze_bn", "seed")
+        given = [
+            f"--{name.replace('_', '-')}"
+            for name in training_options
+            if context.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE
+        ]
+        if given:
+            say(f"Resuming with the run's own options: {', '.join(given)} ignored.")
+    elif resolve_device(device) == "cpu" and arch == "resnet50":
         say(
             "No GPU: a ResNet50 trained at about 20 views/s on 2 CPU cores with 96-pixel crops "
             "(an H100: 2,500 at 224). On a CPU, try a smaller --crop-size, or --arch resnet18 "
@@ -1179,7 +1199,7 @@ def train(
     if report.cut_short:
         how["interrupt"] = "interrupted during a step; kept the last checkpoint"
     click.echo(
-        f"Trained {report.steps_this_run} steps ({report.steps} in all) in "
+        f"Trained {_count(report.steps_this_run, 'step')} ({report.steps} in all) in "
         f"{_duration(report.seconds)}, {report.views_per_second:.0f} views/s with "
         f"{report.workers} view workers ({how[report.stopped_by]})."
     )

@@ -21,6 +21,7 @@ import functools
 import hashlib
 import importlib.metadata
 import os
+import pickle
 import re
 import threading
 import warnings
@@ -95,7 +96,9 @@ def resolve_weights(path: str | os.PathLike[str] | None = None) -> Weights:
         resolved = Path(chosen).expanduser()
         is_default = False
     if not resolved.is_file():
-        raise WeightsError(f"{resolved}: weights file not found; {INSTALL_HINT}")
+        if is_default:
+            raise WeightsError(f"{resolved}: weights file not found; {INSTALL_HINT}")
+        raise WeightsError(f"{resolved}: no such weights file")
     try:
         sha = sha256_of_file(resolved)
     except OSError as exc:
@@ -159,6 +162,12 @@ def read_checkpoint(path: Path) -> Checkpoint:
 
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # (PyTorch's own message suggests loading it unsafely: not a suggestion to pass on.)
+        raise WeightsError(
+            f"{path}: not a loadable PyTorch state dict: it holds objects other than tensors "
+            "and settings, which could run code when loaded; refused"
+        ) from None
     except Exception as exc:
         raise WeightsError(
             f"{path}: not a loadable PyTorch state dict ({type(exc).__name__}: "

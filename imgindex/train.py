@@ -547,6 +547,10 @@ def _start_network(options: TrainOptions) -> tuple[torch.nn.Module, str | None]:
     """The network to start from and the SHA-256 of the weights it came from (None: scratch)."""
     if options.init == "scratch":
         return build_network(options.arch), None
+    if options.init != "stock" and not os.path.exists(options.init):
+        raise ImgIndexError(
+            f"--init {options.init}: no such checkpoint (give stock, scratch or a weights file)"
+        )
     weights = resolve_weights(None if options.init == "stock" else options.init)
     network = load_network(weights)
     if network_arch(network) != options.arch:

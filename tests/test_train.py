@@ -99,7 +99,9 @@ def test_tampered_checkpoints_are_refused(tmp_path):
 
     # A checkpoint that would run code when unpickled is not loaded at all.
     torch.save({"format": "imgindex-augnet-checkpoint", "hook": os.getcwd}, changed)
-    with pytest.raises(WeightsError, match="not a loadable PyTorch state dict"):
+    with pytest.raises(
+        WeightsError, match="not a loadable PyTorch state dict: it holds objects other than tensors"
+    ):
         read_checkpoint(changed)
 
     changed.write_bytes(out.read_bytes()[: out.stat().st_size // 2])
@@ -260,11 +262,23 @@ def test_train_command(tmp_path, photos):
     assert f"{out} exists: resume that run (--resume) or start over" in again.stderr
     forced = CliRunner().invoke(cli, [str(a) for a in [*args, "--force"]])
     assert forced.exit_code == 0, forced.stderr
+    resumed = CliRunner().invoke(
+        cli, [str(a) for a in [*args[:-9], "--steps", "4", "--lr", "1", "--resume", "--json"]]
+    )
+    assert resumed.exit_code == 0, resumed.stderr
+    assert json.loads(resumed.stdout)["steps"] == 4
+    assert (
+        "Resuming with the run's own options: --arch, --init, --images-per-step" in resumed.stderr
+    )
+    assert "--lr ignored" in resumed.stderr
 
     again = CliRunner().invoke(cli, [str(a) for a in ["train", photos, "--out", out, "--arch",
                                "resnet18"]])  # fmt: skip
     assert again.exit_code == 1
     assert "the stock weights are a resnet50; train a resnet18 with --init scratch" in again.stderr
+    typo = CliRunner().invoke(cli, [str(a) for a in ["train", photos, "--out", tmp_path / "t.pth",
+                              "--init", "Scratch", "--steps", "1"]])  # fmt: skip
+    assert typo.exit_code == 1 and "--init Scratch: no such checkpoint" in typo.stderr
 
 
 @pytest.mark.slow
