@@ -575,6 +575,16 @@ class Store:
         text = self.meta("index_built", "")
         return IndexSpec.from_dict(json.loads(text)) if text else IndexSpec("flat")
 
+    def _load_faiss_file(self, mmap: bool) -> ann.VectorIndex | None:
+        """The FAISS file as the kind recorded for it, or as the kind a save was writing when
+        it stopped between renaming the file into place and recording that (a kill there)."""
+        loaded = ann.VectorIndex.load(self.path / FAISS_NAME, self.built_spec, self.dim, mmap)
+        writing = self.meta("index_writing", "")
+        if loaded is None and writing:
+            spec = IndexSpec.from_dict(json.loads(writing))
+            loaded = ann.VectorIndex.load(self.path / FAISS_NAME, spec, self.dim, mmap)
+        return loaded  # (the next save records the kind properly)
+
     def request_index(self, spec: IndexSpec | None) -> None:
         """Ask for another index kind (None: auto); the next save builds it if it can."""
         self._require_writable()
@@ -611,9 +621,16 @@ class Store:
             self._rebuild(built)
         if not (self._dirty or force) and (self.path / FAISS_NAME).exists():
             return
+        spec = json.dumps(self.vector_index.spec.as_dict())
+        # The kind being written is recorded first: the file's rename and the record of its
+        # kind cannot be one step, and whoever opens the index after a kill between them must
+        # still recognise the file (_load_faiss_file).
+        with self.db.atomic():
+            self._set_meta("index_writing", spec)
         self.vector_index.save(self.path / FAISS_NAME)
         with self.db.atomic():
-            self._set_meta("index_built", json.dumps(self.vector_index.spec.as_dict()))
+            self._set_meta("index_built", spec)
+            self.db.execute("DELETE FROM meta WHERE key = 'index_writing'")
         self._dirty = False
         self._last_save = time.monotonic()
 
@@ -642,9 +659,7 @@ class Store:
     def _load_vector_index(self) -> ann.VectorIndex:
         """The FAISS file (memory-mapped for readers), or an index rebuilt from SQLite."""
         spec = self.built_spec
-        loaded = ann.VectorIndex.load(
-            self.path / FAISS_NAME, spec, self.dim, mmap=not self.writable
-        )
+        loaded = self._load_faiss_file(mmap=not self.writable)
         if loaded is not None:
             return loaded
         self._dirty = True
@@ -760,7 +775,7 @@ class Store:
             report.problems.append(f"index settings say {meta_dim} dimensions, found {self.dim}")
 
         built = self.built_spec
-        file = ann.VectorIndex.load(self.path / FAISS_NAME, built, self.dim, mmap=True)
+        file = self._load_faiss_file(mmap=True)
         if not (self.path / FAISS_NAME).exists():
             report.warnings.append(
                 f"no {FAISS_NAME} yet: it is rebuilt from SQLite on open (repair writes it)"

@@ -284,3 +284,31 @@ def test_tune_recall_counts_ties_and_small_indexes_right(tmp_path):
         assert row.recall == 1.0
         [row] = imgindex.evaluate.tune(index, queries=12, k=1)
         assert row.recall == 1.0
+
+
+def test_a_kill_between_writing_the_faiss_file_and_recording_its_kind(tmp_path, monkeypatch):
+    """The new file is renamed into place, then its kind is recorded: a kill between the two
+    must not leave a file that the index no longer recognises (check would call it damaged,
+    and every open would rebuild the vector index from SQLite)."""
+    from imgindex.store import Store
+
+    vectors = augnet_like(300)
+    with make_index(tmp_path, vectors, "flat") as index:
+        index.set_index_type("hnsw")
+    real_save = imgindex.ann.VectorIndex.save
+
+    def save_then_die(self, path):
+        real_save(self, path)
+        raise SystemExit("killed after the rename")
+
+    store = Store.open(tmp_path / "idx", writable=True)
+    store.lock()
+    monkeypatch.setattr(imgindex.ann.VectorIndex, "save", save_then_die)
+    with pytest.raises(SystemExit):
+        store.save_vector_index()
+    store.unlock()
+    store.db.close()
+    monkeypatch.undo()
+    reopened = Store.open(tmp_path / "idx")
+    assert reopened.vector_index.spec.kind == "hnsw" and not reopened._dirty
+    assert reopened.check(check_files=False).problems == []
