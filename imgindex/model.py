@@ -98,7 +98,7 @@ def resolve_weights(path: str | os.PathLike[str] | None = None) -> Weights:
     if not resolved.is_file():
         if is_default:
             raise WeightsError(f"{resolved}: weights file not found; {INSTALL_HINT}")
-        raise WeightsError(f"{resolved}: no such weights file")
+        raise WeightsError(f"{resolved}: weights file not found")
     try:
         sha = sha256_of_file(resolved)
     except OSError as exc:
