@@ -118,7 +118,7 @@ def test_weights_from_option_and_environment(monkeypatch, tmp_path):
     assert resolve_weights(other).path == other
     monkeypatch.setenv("IMGINDEX_WEIGHTS", str(other))
     assert resolve_weights().path == other
-    with pytest.raises(WeightsError, match="weights file not found$"):
+    with pytest.raises(WeightsError, match=r"weights file not found$"):
         resolve_weights(tmp_path / "nope.pth")
 
 
