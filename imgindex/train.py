@@ -636,6 +636,9 @@ def train(
         start_step = int(state["training"]["step"])
         history = list(state["meta"].get("eval", []))
         best = float(state["training"].get("best", -1.0))
+    # Batches drawn from the sampler; each step's views are cut from its batch's position, so a
+    # resumed run goes on from there (batches without two readable images are skipped).
+    drawn = int(state["training"].get("batches", start_step)) if state is not None else 0
     # Restored when training ends: the caller's process may embed images of many shapes next.
     saved_flags = (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32)
     if on_gpu:
@@ -649,7 +652,7 @@ def train(
     workers = _fit_shared_memory(workers, batch_bytes)
     loader = torch.utils.data.DataLoader(
         source,
-        batch_sampler=_Batches(len(images), per_step, seed, start_step),
+        batch_sampler=_Batches(len(images), per_step, seed, drawn),
         num_workers=workers,
         collate_fn=_collate,
         pin_memory=on_gpu,
@@ -704,7 +707,12 @@ def train(
     def save(step: int, improved: bool) -> None:
         nonlocal saved_step
         saved_step = step
-        training = {"optimizer": optimizer.state_dict(), "step": step, "best": best}
+        training = {
+            "optimizer": optimizer.state_dict(),
+            "step": step,
+            "best": best,
+            "batches": drawn,  # the sampler's position: ahead of step by the batches skipped
+        }
         write_checkpoint(last, network, meta(step), training)
         if eval_set is None or improved:
             write_checkpoint(out, network, meta(step))
@@ -741,6 +749,7 @@ def train(
                 stopped_by = "interrupt"
                 break
             views, failed = next(batches)
+            drawn += 1
             for i, reason in failed:
                 name = os.fsdecode(images[i])
                 if name not in unreadable:

@@ -1,9 +1,11 @@
 """Training AugNet on CPU: tiny configurations on real images (ResNet18 from scratch at 64
 pixels), so every property is checked in seconds; one slow test fine-tunes the real AugNet."""
 
+import itertools
 import json
 import os
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -387,3 +389,33 @@ def test_a_resumable_state_that_was_changed_is_refused(tmp_path):
     torch.save(payload, last)
     with pytest.raises(imgindex.ImgIndexError, match="not a resumable checkpoint"):
         train(images("pizza"), out, steps=2, device="cpu", resume=True)
+
+
+def test_resume_after_skipped_batches_cuts_the_same_views(tmp_path):
+    """A batch without two readable images is skipped: the sampler moves on, the step does not.
+    The resumable state records the sampler's position, so a resumed run still matches an
+    uninterrupted one."""
+    from imgindex.train import _Batches
+
+    folder = tmp_path / "pics"
+    folder.mkdir()
+    for path in images("pizza")[:4]:
+        shutil.copy(path, folder / path.name)
+    (folder / "x-broken-1.jpg").write_text("not a picture")
+    (folder / "x-broken-2.jpg").write_text("not a picture either")
+    paths = sorted(folder.iterdir())
+    broken = {4, 5}  # their places in sorted order
+    # A seed whose first batches include one of only the two broken images.
+    first_batches = [list(itertools.islice(_Batches(6, 2, s), 2)) for s in range(100)]
+    seed = next(s for s, batches in enumerate(first_batches)
+                if any({i for _, i in b} == broken for b in batches))  # fmt: skip
+    options = TrainOptions(**TINY, images_per_step=2, seed=seed)
+    straight = train(paths, tmp_path / "a.pth", options, steps=4, device="cpu")
+    done = []
+    first = train(paths, tmp_path / "b.pth", options, steps=4, device="cpu",
+                  on_progress=done.append, stop=lambda: len(done) >= 2)  # fmt: skip
+    assert first.steps == 2
+    train(paths, tmp_path / "b.pth", options, steps=4, device="cpu", resume=True)
+    a, b = state_of(straight.out), state_of(tmp_path / "b.pth")
+    for key in a:
+        assert torch.allclose(a[key].float(), b[key].float(), atol=1e-6), key
