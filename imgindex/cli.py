@@ -13,13 +13,13 @@ import os
 import sqlite3
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import click
 
-from imgindex.errors import ImgIndexError
+from imgindex.errors import ImageError, ImgIndexError
 from imgindex.model import DEVICE_NAME
 from imgindex.store import path_text
 
@@ -699,14 +699,42 @@ def query(
         timer.done("open index")
         index.vectorizer  # noqa: B018 - load the model now, so its time is reported apart
         timer.done("load model")
-        vectors = index.vectorizer.vectorize(list(images))
+        vectors, failed = _embed_each(index.vectorizer, images)
         timer.done(f"embed {len(images)} image(s)")
         hits = index.search_by_vector(vectors, **search)
         timer.done("search")
         total = index.count()
-    queries = [path_text(os.path.abspath(p)) for p in images]
-    _print_hits(queries, [str(p) for p in images], hits, total,
-                search["metric"], as_json)  # fmt: skip
+    good = [n for n in range(len(images)) if n not in failed]
+    queries = [path_text(os.path.abspath(images[n])) for n in good]
+    errors = {n: {"query": path_text(os.path.abspath(images[n])), "error": failed[n].reason}
+              for n in failed}  # fmt: skip
+    _print_hits(queries, [str(images[n]) for n in good], hits, total, search["metric"], as_json,
+                errors)  # fmt: skip
+    for n in sorted(failed):
+        click.echo(f"Error: {failed[n]}", err=True)
+    if failed:
+        sys.exit(1)
+
+
+def _embed_each(vectorizer: Any, images: Sequence[Path]) -> tuple[Any, dict[int, ImageError]]:
+    """Vectors of the readable ``images`` and the error of each other one (by position): one
+    unreadable query image does not cost the answers for the others. All unreadable: the first
+    error is raised."""
+    import numpy as np
+
+    try:
+        return vectorizer.vectorize(list(images)), {}
+    except ImageError:
+        pass
+    rows, failed = [], {}
+    for n, image in enumerate(images):
+        try:
+            rows.append(vectorizer.vectorize(image))
+        except ImageError as exc:
+            failed[n] = exc
+    if not rows:
+        raise failed[0]
+    return np.stack(rows), failed
 
 
 @cli.command()
@@ -748,15 +776,24 @@ def similar(
 
 
 def _print_hits(
-    keys: list[str], labels: list[str], hits: list[Any], total: int, metric: str, as_json: bool
+    keys: list[str],
+    labels: list[str],
+    hits: list[Any],
+    total: int,
+    metric: str,
+    as_json: bool,
+    errors: dict[int, dict[str, str]] | None = None,
 ) -> None:
+    """Results per query; ``errors`` are the entries, by position among all queries, of those
+    that could not be read (--json lists them in their place)."""
     if as_json:
-        print_json(
-            [
-                {"query": key, "metric": metric, "results": [h.as_dict() for h in found]}
-                for key, found in zip(keys, hits, strict=True)
-            ]
-        )
+        entries = [
+            {"query": key, "metric": metric, "results": [h.as_dict() for h in found]}
+            for key, found in zip(keys, hits, strict=True)
+        ]
+        for position in sorted(errors or {}):
+            entries.insert(position, (errors or {})[position])
+        print_json(entries)
         return
     column = "distance" if metric == "l2" else "similarity"
     for n, (label, found) in enumerate(zip(labels, hits, strict=True)):

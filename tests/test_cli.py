@@ -395,3 +395,18 @@ def test_ctrl_c_says_what_the_index_kept(run, tmp_path, photos, monkeypatch):
     monkeypatch.undo()
     info = json.loads(run("info", "--index", tmp_path / "idx", "--json").stdout)
     assert info["images"] == 4
+
+
+def test_an_unreadable_query_image_does_not_cost_the_others_their_answers(run, tmp_path, photos):
+    run("build", photos / "pizza", "--index", tmp_path / "idx")
+    bad = tmp_path / "notes.jpg"
+    bad.write_text("shopping list")
+    good = photos / "pizza" / "image_0001.jpg"
+    result = run("query", bad, good, "--index", tmp_path / "idx", "-k", "1", ok=False)
+    assert result.exit_code == 1
+    assert "image_0001.jpg" in result.stdout and result.stdout.count("Query ") == 1
+    assert result.stderr.strip() == f"Error: {bad}: not an image, or a format imgindex cannot read"
+    result = run("query", bad, good, "--index", tmp_path / "idx", "--json", ok=False)
+    [failed, answered] = json.loads(result.stdout)
+    assert failed == {"query": str(bad), "error": "not an image, or a format imgindex cannot read"}
+    assert answered["query"] == str(good) and answered["results"][0]["path"] == str(good)
