@@ -9,7 +9,8 @@ image-retrieval conventions (as in the deep-metric-learning literature, e.g. Mus
   each appears; mAP is its mean over queries that have at least one relevant image. A relevant
   image beyond the ranked depth counts as never found.
 * recall@k: the fraction of those queries with at least one relevant image in the top k.
-* precision@k: the fraction of the top k that is relevant, averaged over those queries.
+* precision@k: the fraction of the top k that is relevant, averaged over those queries (always
+  divided by k, so it stays below 1 when a label has fewer than k other images).
 
 Re-identification data adds *groups* (cameras): an image with the query's label and the query's
 group is neither relevant nor irrelevant but left out of the ranking, as in the Market-1501
