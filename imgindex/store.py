@@ -896,7 +896,7 @@ def database_state(path: Path) -> str:
         if "meta" not in tables:
             return "unfinished" if not tables or tables <= {"_migrations"} else "foreign"
         if conn.execute("SELECT 1 FROM meta WHERE key = 'dim'").fetchone() is None:
-            return "unfinished"
+            return "unfinished" if "_migrations" in tables else "foreign"
         return "complete"
     except sqlite3.Error:
         return "complete"
