@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,6 +69,32 @@ class IndexSpec:
 
     def as_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "metric": self.metric, "params": dict(self.params)}
+
+    def check(self, dim: int) -> None:
+        """ValueError unless FAISS can build this index for ``dim``-number vectors: checked when
+        it is asked for, not after embedding a collection (a bad value used to be stored and
+        then fail every build, or crash FAISS)."""
+        limits = {"M": (2, 256), "ef_construction": (1, 100_000), "nlist": (1, 1 << 20)}
+        limits["m"] = (1, dim)
+        for key, value in self.params.items():
+            if key == "factory":
+                continue
+            low, high = limits[key]
+            if not isinstance(value, int) or not low <= value <= high:
+                raise ValueError(f"{self.kind}: {key} must be a whole number from {low} to {high}")
+        if self.kind == "ivf-pq" and dim % int(self.params.get("m", IVF_PQ_M)):
+            raise ValueError(f"ivf-pq: m must divide the vector size {dim}")
+        if self.kind == "factory":
+            import faiss
+
+            try:
+                faiss.index_factory(dim, str(self.params["factory"]))
+            except Exception as exc:  # FAISS raises RuntimeError with its C++ message
+                # "Error in <function> at <file>:<line>: <what went wrong>": keep what went wrong.
+                reason = re.sub(r"^Error in .*? at \S+:\d+: (Error: )?", "", str(exc).strip())
+                raise ValueError(
+                    f"factory:{self.params['factory']}: FAISS cannot build it ({reason})"
+                ) from None
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> IndexSpec:

@@ -372,8 +372,11 @@ def build(
 
 def _parse_index_type(text: str, metric: str) -> Any:
     from imgindex.ann import parse_index_type
+    from imgindex.model import EMBEDDING_DIM
 
     parsed = parse_index_type(text, metric)
+    if parsed is not None:
+        parsed.check(EMBEDDING_DIM)  # every AugNet backbone embeds in 768 numbers
     return "auto" if parsed is None else parsed
 
 
@@ -842,9 +845,12 @@ def duplicates(
     cropped copies), with the distances inside each group."""
     if threshold is None:
         threshold = DUPLICATE_THRESHOLDS[metric]
-    if (metric == "l2" and threshold < 0) or (metric == "cosine" and abs(threshold) > 1):
-        kind = "an L2 distance (0 or more)" if metric == "l2" else "a cosine (-1 to 1)"
-        raise click.BadParameter(f"{threshold:g} is not {kind}", param_hint="--threshold")
+    from imgindex.duplicates import check_threshold
+
+    try:
+        check_threshold(threshold, metric)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--threshold") from None
     with _open_index(index_path) as index:
         groups = index.duplicates(threshold, metric, under=under, neighbors=neighbors)
     if as_json:
@@ -868,7 +874,8 @@ def duplicates(
     kind = "distance" if metric == "l2" else "similarity"
     comparison = "<=" if metric == "l2" else ">="
     images = sum(len(g.ids) for g in groups)
-    click.echo(f"{len(groups)} groups, {images} images ({kind} {comparison} {threshold:g})")
+    counts = f"{_count(len(groups), 'group')}, {_count(images, 'image')}"
+    click.echo(f"{counts} ({kind} {comparison} {threshold:g})")
     for number, group in enumerate(groups, start=1):
         click.echo(f"\nGroup {number}: {len(group.ids)} images")
         for image_id, path in zip(group.ids, group.paths, strict=True):

@@ -15,6 +15,7 @@ distances were under it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,8 +42,21 @@ class DuplicateGroup:
         }
 
 
+def check_threshold(threshold: float, metric: str) -> None:
+    """ValueError unless ``threshold`` is an L2 distance (0 or more) or a cosine (-1 to 1)."""
+    check_metric(metric)
+    low, high = (0.0, math.inf) if metric == "l2" else (-1.0, 1.0)
+    if not low <= threshold <= high:  # also refuses NaN
+        kind = "an L2 distance (0 or more)" if metric == "l2" else "a cosine (-1 to 1)"
+        raise ValueError(f"threshold {threshold:g} is not {kind}")
+
+
 def within(scores: np.ndarray, threshold: float, metric: str) -> np.ndarray:
-    return scores <= threshold if metric == "l2" else scores >= threshold
+    """Scores at the threshold or better; a float64 rounding error (identical vectors have a
+    cosine of 1 - 1e-15) does not put a pair out."""
+    if metric == "l2":
+        return scores <= threshold + 1e-9
+    return scores >= threshold - 1e-9
 
 
 def exact_pairs(
@@ -57,6 +71,9 @@ def exact_pairs(
         v = v / np.sqrt(np.maximum(norms, 1e-30))[:, None]
     n = len(v)
     # float32 rounding can move a score by ~1e-4 relative; take a margin and re-check exactly.
+    # A squared distance computed as |a|^2 + |b|^2 - 2 a.b is off by up to ~1e-7 of the norms
+    # (about 1e-4 for AugNet's, whose squared norms are in the hundreds): far more than the
+    # square of a small threshold, so that margin is relative to the norms.
     loose = threshold * 1.001 + 1e-3 if metric == "l2" else threshold - 1e-3
     for lo in range(0, n, block):
         hi = min(n, lo + block)
@@ -64,7 +81,8 @@ def exact_pairs(
             stop = min(n, start + block)
             dots = v[lo:hi] @ v[start:stop].T
             if metric == "l2":
-                cand = norms[lo:hi, None] + norms[None, start:stop] - 2 * dots <= loose * loose
+                both = norms[lo:hi, None] + norms[None, start:stop]
+                cand = both - 2 * dots <= loose * loose + 1e-5 * both
             else:
                 cand = dots >= loose
             rows, cols = np.nonzero(cand)

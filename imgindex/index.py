@@ -24,7 +24,13 @@ from typing import Any
 import numpy as np
 
 from imgindex import ann, ingest
-from imgindex.duplicates import DuplicateGroup, exact_pairs, group_pairs, neighbor_pairs
+from imgindex.duplicates import (
+    DuplicateGroup,
+    check_threshold,
+    exact_pairs,
+    group_pairs,
+    neighbor_pairs,
+)
 from imgindex.errors import ImgIndexError, IncompatibleIndexError, IndexExistsError, WeightsError
 from imgindex.model import PRESETS, Vectorizer, _split_batch, resolve_weights
 from imgindex.search import Hit, check_metric, rank_exactly
@@ -510,7 +516,7 @@ class Index:
         distance, or a cosine similarity of at least ``threshold``); see
         :mod:`imgindex.duplicates`. Exact on a flat index; through each image's ``neighbors``
         nearest on an approximate one."""
-        check_metric(metric)
+        check_threshold(threshold, metric)
         store = self._store
         store.refresh()
         index = store.vector_index

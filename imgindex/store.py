@@ -189,6 +189,8 @@ class Store:
         earlier index in the folder (a FAISS file whose database was deleted, an unfinished
         database) are removed first: their ids would otherwise be taken for the new ones'."""
         path = Path(path)
+        if index_spec is not None:
+            index_spec.check(int(fingerprint["dim"]))
         path.mkdir(parents=True, exist_ok=True)
         lock = _take_lock(path, wait, on_wait)
         try:
@@ -588,6 +590,8 @@ class Store:
     def request_index(self, spec: IndexSpec | None) -> None:
         """Ask for another index kind (None: auto); the next save builds it if it can."""
         self._require_writable()
+        if spec is not None:
+            spec.check(self.dim)
         value = "auto" if spec is None else json.dumps(spec.as_dict())
         with self.db.atomic():
             self._set_meta("index_requested", value)

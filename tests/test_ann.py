@@ -312,3 +312,18 @@ def test_a_kill_between_writing_the_faiss_file_and_recording_its_kind(tmp_path, 
     reopened = Store.open(tmp_path / "idx")
     assert reopened.vector_index.spec.kind == "hnsw" and not reopened._dirty
     assert reopened.check(check_files=False).problems == []
+
+
+def test_exact_copies_are_duplicates_at_the_strictest_thresholds():
+    """Identical AugNet-like vectors (squared norms in the hundreds) are found at threshold 0 by
+    distance and at 1 by cosine: float32 rounding in the pre-filter (about 1e-4 on a squared
+    distance) and float64 rounding in the cosine (1 - 1e-15) must not put them out."""
+    from imgindex.duplicates import exact_pairs
+
+    vectors = augnet_like(50)
+    vectors[10] = vectors[3]
+    vectors[40] = vectors[3]
+    ids = np.arange(100, 150)
+    for threshold, metric in ((0.0, "l2"), (1e-4, "l2"), (1.0, "cosine")):
+        pairs = {(a, b) for a, b, _ in exact_pairs(ids, vectors, threshold, metric)}
+        assert pairs == {(103, 110), (103, 140), (110, 140)}, (threshold, metric)

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+import imgindex as imgindex_api
+
 from .conftest import DATA, random_image
 
 
@@ -331,7 +333,9 @@ def test_index_types_similar_duplicates_and_tune(run, tmp_path, photos):
     ).stdout.splitlines()
     assert csv_lines[0] == "group,id,path" and len(csv_lines) == 3
     text = run("duplicates", "--index", index, "--threshold", "0.5").stdout
-    assert text.startswith("1 groups, 2 images (distance <= 0.5)")
+    assert text.startswith("1 group, 2 images (distance <= 0.5)")
+    nan = run("duplicates", "--index", index, "--threshold", "nan", ok=False)
+    assert nan.exit_code == 2 and "threshold nan is not an L2 distance" in nan.stderr
 
     tuned = json.loads(run("tune", "--index", index, "--json", "--queries", "10", "-k", "5").stdout)
     assert tuned["rows"][0]["setting"] == "ef_search=16" and tuned["rows"][-1]["recall"] == 1.0
@@ -342,6 +346,17 @@ def test_index_types_similar_duplicates_and_tune(run, tmp_path, photos):
 
     bad = run("build", photos, "--index", index, "--index-type", "annoy", ok=False)
     assert bad.exit_code == 2 and "unknown index type 'annoy'" in bad.stderr
+    # Bad values are refused before anything is stored (they used to fail every later build,
+    # or crash FAISS: M=0 aborted, M=-5 took 24 GB).
+    for value, reason in (("hnsw:M=abc", "M must be a whole number from 2 to 256"),
+                          ("hnsw:M=-5", "M must be a whole number"),
+                          ("ivf-pq:m=7", "m must divide the vector size 768"),
+                          ("factory:Garbage", "could not parse index string Garbage")):  # fmt: skip
+        bad = run("build", photos, "--index", index, "--index-type", value, ok=False)
+        assert bad.exit_code == 2 and reason in bad.stderr, bad.stderr
+    assert run("build", photos, "--index", index).exit_code == 0
+    with pytest.raises(ValueError, match="M must be"), imgindex_api.Index.open(index) as opened:
+        opened.set_index_type("hnsw:M=0")
     back = run("build", photos, "--index", index, "--index-type", "flat")
     assert "Nothing to embed" in back.stdout
     assert json.loads(run("info", "--index", index, "--json").stdout)["index"]["kind"] == "flat"
