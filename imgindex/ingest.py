@@ -11,8 +11,9 @@ picks up where it stopped. A re-run of the same folders:
 
 * does not open files whose size and modification time are unchanged;
 * does not embed a file whose content hash is already in the index: a file that moved (its old
-  path is gone) keeps its id and vector under the new path ("renamed"), a copy gets a new entry
-  with the stored vector, a file merely touched keeps its entry;
+  path is gone, even from outside the folders given: a renamed top folder) keeps its id and
+  vector under the new path ("renamed"), a copy gets a new entry with the stored vector, a file
+  merely touched keeps its entry;
 * removes the entries of files that no longer exist under the folders given (unless told to keep
   them). A file that exists but could not be read this time keeps its earlier entry.
 """
@@ -206,6 +207,7 @@ class _Build:
         self.report = BuildReport()
         self.state = Progress(total=0)
         self.skips_to_record: list[tuple[Path, str]] = []
+        self.remove_missing = True
         self.known: dict[str, _Row] = {}
         self.by_sha: dict[str, set[int]] = {}
         self.gone: dict[int, str] = {}  # id -> path of entries whose file no longer exists
@@ -232,6 +234,7 @@ class _Build:
         self, roots: Iterable[str | os.PathLike[str]], workers: int | None, remove_missing: bool
     ) -> BuildReport:
         started = time.perf_counter()
+        self.remove_missing = remove_missing
         roots = [Path(os.path.abspath(r)) for r in roots]
         for row in self.store.file_rows():
             image_id, text, raw, size, mtime, sha = row
@@ -501,6 +504,10 @@ class _Build:
         if not twins:
             return False
         moved = next((i for i in sorted(twins) if i in self.gone), None)
+        if moved is None and self.remove_missing:
+            # Moved from outside the folders given (a renamed top folder, say): its old file is
+            # gone too, and an entry left at that path would only be a stale duplicate.
+            moved = next((i for i in sorted(twins) if self._file_is_gone(i)), None)
         source = self.store.get(moved if moved is not None else min(twins))
         if source is None:
             return False
@@ -511,7 +518,7 @@ class _Build:
             self._forget(here)
         if moved is not None:
             self.store.rename(moved, image)
-            del self.gone[moved]
+            self.gone.pop(moved, None)
             self.known.pop(source.path, None)
             self._remember(text, moved, image)
             self.report.renamed += 1
@@ -559,6 +566,11 @@ class _Build:
                 if not self._reuse(twin):  # cannot happen: the twin was just stored
                     self.skip(twin.image.path, "internal error: its twin's vector was not found")
                 self.state.done += 1
+
+    def _file_is_gone(self, image_id: int) -> bool:
+        record = self.store.get(image_id)
+        row = self.known.get(record.path) if record is not None else None
+        return row is not None and not os.path.lexists(row.raw)
 
     def _remember(self, text: str, image_id: int, image: NewImage) -> None:
         raw = os.fsencode(image.path)

@@ -247,3 +247,20 @@ def test_a_file_that_reads_again_is_no_longer_skipped(tmp_path, photos, fake_vec
         os.utime(path, (1e9, 1e9))
         report = index.sync([photos / "pizza"])
         assert report.skipped == [] and index.skipped() == []
+
+
+def test_a_renamed_top_folder_moves_its_entries(tmp_path, photos, fake_vectorizer):
+    """Renaming the folder that was indexed, then building the new name: the entries move with
+    their files (no stale copies of every entry under the old name)."""
+    with imgindex.Index.create(tmp_path / "idx", vectorizer=fake_vectorizer) as index:
+        index.sync(photos / "pizza")
+        count = len(index)
+        ids = {r.id for r in index.records()}
+        (photos / "pizza").rename(photos / "pie")
+        report = index.sync(photos / "pie")
+        assert (report.renamed, report.added, report.embedded) == (count, 0, 0)
+        assert len(index) == count and {r.id for r in index.records()} == ids
+        assert all(r.path.startswith(str(photos / "pie")) for r in index.records())
+        # With add (which removes nothing), a copy of a file that still exists stays a copy.
+        shutil.copytree(photos / "pie", photos / "copy")
+        assert index.add(photos / "copy").renamed == 0 and len(index) == 2 * count
