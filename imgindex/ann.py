@@ -421,7 +421,8 @@ class VectorIndex:
 
             raise IncompatibleIndexError(
                 f"this index is {self.spec.describe()}: it answers {self.spec.metric} queries "
-                f"only (rebuild it with --metric {metric}, or use a flat index for both)"
+                f"only (`imgindex build FOLDERS --index-type {self.spec.kind} --index-metric "
+                f"{metric}` makes one for {metric}; `--index-type flat` answers both)"
             )
         queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
         if self.spec.kind == "flat":

@@ -704,7 +704,7 @@ def query(
         timer.done("load model")
         vectors, failed = _embed_each(index.vectorizer, images)
         timer.done(f"embed {len(images)} image(s)")
-        hits = index.search_by_vector(vectors, **search)
+        hits = index.search_by_vector(vectors, **search) if len(vectors) else []
         timer.done("search")
         total = index.count()
     good = [n for n in range(len(images)) if n not in failed]
@@ -721,8 +721,7 @@ def query(
 
 def _embed_each(vectorizer: Any, images: Sequence[Path]) -> tuple[Any, dict[int, ImageError]]:
     """Vectors of the readable ``images`` and the error of each other one (by position): one
-    unreadable query image does not cost the answers for the others. All unreadable: the first
-    error is raised."""
+    unreadable query image does not cost the answers for the others."""
     import numpy as np
 
     try:
@@ -735,9 +734,7 @@ def _embed_each(vectorizer: Any, images: Sequence[Path]) -> tuple[Any, dict[int,
             rows.append(vectorizer.vectorize(image))
         except ImageError as exc:
             failed[n] = exc
-    if not rows:
-        raise failed[0]
-    return np.stack(rows), failed
+    return (np.stack(rows) if rows else np.empty((0, vectorizer.dim), np.float32)), failed
 
 
 @cli.command()
@@ -764,18 +761,24 @@ def similar(
     timer = StageTimer(verbose)
     with _open_index(index_path) as index:
         timer.done("open index")
-        found = []
+        found, keys, labels = [], [], []
         for image in images:
-            key: int | str = int(image) if image.isdigit() else os.path.abspath(image)
             try:
-                found.append(index.similar(key, **search))
+                record = index.get(int(image)) if image.isdigit() else index.find(image)
             except KeyError:
+                record = None
+            if record is None:
                 raise ImgIndexError(
                     f"{image}: not in the index {index.path} (give an id or an indexed path)"
-                ) from None
+                )
+            found.append(index.similar(record.id, **search))
+            # Named as the index names it, in JSON as in the results; by id: with its path too.
+            keys.append(record.path)
+            shown = display_path(record.path)
+            labels.append(f"{image} ({shown})" if image.isdigit() else shown)
         timer.done("search")
         total = index.count()
-    _print_hits(list(images), list(images), found, total, search["metric"], as_json)
+    _print_hits(keys, labels, found, total, search["metric"], as_json)
 
 
 def _print_hits(

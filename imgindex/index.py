@@ -100,6 +100,7 @@ class Index:
         a missing index is created (``index_type``, ``metric`` and ``wait`` as for
         :meth:`create`; they do not change an existing index)."""
         _check_vectorizer_args(vectorizer_args)
+        _as_spec(index_type, metric)  # a misspelt kind or metric is an error, used or not
         path = _index_path(path)
         if create and database_state(path) != "complete":
             try:

@@ -319,6 +319,8 @@ def test_index_types_similar_duplicates_and_tune(run, tmp_path, photos):
         run("similar", str(first["id"]), "--index", index, "--json", "-k", "1").stdout
     )
     assert by_id[0]["results"][0]["path"] == str(original)
+    # The query is named as the index names the image, whether given by id or by path.
+    assert by_id[0]["query"] == first["path"] and by_path[0]["query"] == str(original)
     missing = run("similar", "999999", "--index", index, ok=False)
     assert missing.exit_code == 1 and "not in the index" in missing.stderr
     assert image_id == 37
@@ -425,3 +427,13 @@ def test_an_unreadable_query_image_does_not_cost_the_others_their_answers(run, t
     [failed, answered] = json.loads(result.stdout)
     assert failed == {"query": str(bad), "error": "not an image, or a format imgindex cannot read"}
     assert answered["query"] == str(good) and answered["results"][0]["path"] == str(good)
+
+
+def test_every_unreadable_query_image_is_named(run, tmp_path, photos):
+    run("build", photos / "pizza", "--index", tmp_path / "idx")
+    bad, gone = tmp_path / "notes.jpg", tmp_path / "gone.jpg"
+    bad.write_text("shopping list")
+    result = run("query", bad, gone, "--index", tmp_path / "idx", "--json", ok=False)
+    assert result.exit_code == 1
+    assert [e["query"] for e in json.loads(result.stdout)] == [str(bad), str(gone)]
+    assert result.stderr.count("Error: ") == 2

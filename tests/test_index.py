@@ -181,6 +181,8 @@ def test_open_with_create_takes_the_same_arguments_whether_or_not_the_index_exis
             assert len(index.search(photos / "pizza" / "image_0001.jpg", k=2)) == 2
     with pytest.raises(TypeError, match="devcie"):
         imgindex.Index.open(tmp_path / "idx", devcie="cpu")
+    with pytest.raises(ValueError, match="unknown index type 'banana'"):
+        imgindex.Index.open(tmp_path / "idx", create=True, index_type="banana")
     with pytest.raises(imgindex.IndexExistsError, match="already exists"):
         imgindex.Index.create(tmp_path / "idx", vectorizer=fake_vectorizer)
 
