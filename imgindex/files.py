@@ -47,9 +47,10 @@ def walk_images(
         if not os.path.lexists(root):
             raise FileNotFoundError(f"{root}: no such file or folder")
     seen: set[Path] = set()
+    walked: dict[tuple[int, int], Path] = {}  # shared: two roots may reach one folder
     for root in roots:
         if root.is_dir():
-            for path in _walk_dir(root, on_error or (lambda path, reason: None)):
+            for path in _walk_dir(root, on_error or (lambda path, reason: None), walked):
                 if path not in seen:
                     seen.add(path)
                     yield path
@@ -58,9 +59,8 @@ def walk_images(
             yield root
 
 
-def _walk_dir(root: Path, on_error: OnError) -> Iterator[Path]:
-    # (device, inode) of every folder walked -> the path it was walked under.
-    walked: dict[tuple[int, int], Path] = {}
+def _walk_dir(root: Path, on_error: OnError, walked: dict[tuple[int, int], Path]) -> Iterator[Path]:
+    # ``walked``: (device, inode) of every folder walked -> the path it was walked under.
     # Symbolic links to folders are followed after everything else, so a folder reached both
     # directly and through a link is indexed under its own path.
     links: list[Path] = []

@@ -74,3 +74,18 @@ def test_a_folder_reached_directly_and_through_a_link_is_walked_under_its_own_pa
     reasons = {p.name: r for p, r in errors}
     assert reasons["alias"] == f"links to a folder indexed as {real.parent}, not followed"
     assert reasons["up"] == "links to a folder it is in (symbolic link loop), not followed"
+
+
+def test_two_roots_reaching_one_folder_walk_it_once(tmp_path):
+    from .conftest import random_image
+
+    image = random_image(tmp_path / "photos" / "a.png")
+    os.symlink(tmp_path / "photos", tmp_path / "link")
+    errors = []
+    found = list(
+        walk_images([tmp_path / "photos", tmp_path / "link"], on_error=lambda *e: errors.append(e))
+    )
+    assert found == [image]
+    assert errors == [
+        (tmp_path / "link", f"links to a folder indexed as {image.parent}, not followed")
+    ]
