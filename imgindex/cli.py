@@ -529,6 +529,8 @@ def _print_report(report: Any, location: Path, bytes_on_disk: int) -> None:
             click.echo(f"  {display_path(item.path)}: {item.reason}")
         if len(report.skipped) > 20:
             click.echo(f"  ... and {len(report.skipped) - 20} more (imgindex info --skipped)")
+    for warning in report.warnings:
+        click.echo(f"Warning: {warning}")
     click.echo(f"Index {location}: {report.total} images, {_size(bytes_on_disk)} on disk.")
 
 

@@ -437,3 +437,12 @@ def test_every_unreadable_query_image_is_named(run, tmp_path, photos):
     assert result.exit_code == 1
     assert [e["query"] for e in json.loads(result.stdout)] == [str(bad), str(gone)]
     assert result.stderr.count("Error: ") == 2
+
+
+def test_an_empty_folder_keeps_its_entries_and_the_build_says_so(run, tmp_path, photos):
+    run("build", photos / "pizza", "--index", tmp_path / "idx")
+    for path in (photos / "pizza").iterdir():
+        path.unlink()
+    result = run("build", photos / "pizza", "--index", tmp_path / "idx")
+    assert f"Warning: {photos / 'pizza'} is empty, but 6 indexed images were in it" in result.stdout
+    assert "Index " in result.stdout and ": 6 images" in result.stdout
