@@ -325,8 +325,11 @@ class VectorIndex:
                 continue
         if base is None:
             return None
-        if base.d != dim or _base_kind(base) != _base_kind(_new_base(spec, dim)):
+        expected = _new_base(spec, dim)
+        if base.d != dim or _base_kind(base) != _base_kind(expected):
             return None
+        if _inner(base).metric_type != _inner(expected).metric_type:
+            return None  # an HNSW file for cosine is no HNSW file for l2
         return cls(spec, dim, base, mutable=not mmap)
 
     def save(self, path: Path) -> None:

@@ -217,16 +217,22 @@ class Store:
                 if index_spec is None
                 else json.dumps(index_spec.as_dict()),
             }
-            # Built under another name in rollback-journal mode (a WAL database cannot be renamed
-            # safely), then renamed into place: the rename is the moment the index exists.
+            # Built under another name and renamed into place: the rename is the moment the
+            # index exists. Already in WAL mode (the mode is recorded in the file), so opening it
+            # never switches modes, which a kill could interrupt, leaving a journal that readers
+            # cannot roll back; closed first, so no write-ahead log is left behind to rename.
             building = path / f".{DB_NAME}.{os.getpid()}.new"
-            db = _connect(building, wal=False)
+            db = _connect(building)
             try:
                 _migrate(db, path)
                 with db.atomic():
                     db["meta"].insert_all([{"key": k, "value": v} for k, v in settings.items()])
+                db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             finally:
                 db.close()
+            for suffix in ("-wal", "-shm"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(f"{building}{suffix}")  # empty once checkpointed and closed
             os.replace(building, path / DB_NAME)
             _fsync_folder(path)
             store = cls.open(path, writable=True)
@@ -971,7 +977,7 @@ def _read_only_uri(path: Path) -> str:
     return uri
 
 
-def _connect(path: Path, read_only: bool = False, wal: bool = True) -> Any:
+def _connect(path: Path, read_only: bool = False) -> Any:
     """A connection to the database (any thread may use it: Index lets one at a time)."""
     import sqlite3
 
@@ -982,7 +988,7 @@ def _connect(path: Path, read_only: bool = False, wal: bool = True) -> Any:
         db = sqlite_utils.Database(sqlite3.connect(uri, uri=True, check_same_thread=False))
     else:
         db = sqlite_utils.Database(sqlite3.connect(path, check_same_thread=False))
-        db.execute(f"PRAGMA journal_mode = {'WAL' if wal else 'DELETE'}")
+        db.execute("PRAGMA journal_mode = WAL")
         db.execute("PRAGMA synchronous = NORMAL")
         db.execute("PRAGMA foreign_keys = ON")
     db.execute("PRAGMA busy_timeout = 10000")

@@ -286,15 +286,21 @@ def test_tune_recall_counts_ties_and_small_indexes_right(tmp_path):
         assert row.recall == 1.0
 
 
-def test_a_kill_between_writing_the_faiss_file_and_recording_its_kind(tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    ("before", "after"), [(("flat", "l2"), ("hnsw", "l2")), (("hnsw", "l2"), ("hnsw", "cosine"))]
+)
+def test_a_kill_between_writing_the_faiss_file_and_recording_its_kind(
+    tmp_path, monkeypatch, before, after
+):
     """The new file is renamed into place, then its kind is recorded: a kill between the two
     must not leave a file that the index no longer recognises (check would call it damaged,
-    and every open would rebuild the vector index from SQLite)."""
+    and every open would rebuild the vector index from SQLite), nor one it takes for another
+    (an HNSW file for cosine read as one for l2 gave wrong distances)."""
     from imgindex.store import Store
 
     vectors = augnet_like(300)
-    with make_index(tmp_path, vectors, "flat") as index:
-        index.set_index_type("hnsw")
+    with make_index(tmp_path, vectors, before[0], before[1]) as index:
+        index.set_index_type(after[0], after[1])
     real_save = imgindex.ann.VectorIndex.save
 
     def save_then_die(self, path):
@@ -310,8 +316,13 @@ def test_a_kill_between_writing_the_faiss_file_and_recording_its_kind(tmp_path, 
     store.db.close()
     monkeypatch.undo()
     reopened = Store.open(tmp_path / "idx")
-    assert reopened.vector_index.spec.kind == "hnsw" and not reopened._dirty
+    spec = reopened.vector_index.spec
+    assert (spec.kind, spec.metric) == after and not reopened._dirty
     assert reopened.check(check_files=False).problems == []
+    reopened.close()
+    with imgindex.Index.open(tmp_path / "idx") as index:
+        [hit] = index.search_by_vector(vectors[7], k=1, metric=after[1])
+        assert hit.id == 8 and hit.score == pytest.approx(0.0 if after[1] == "l2" else 1.0)
 
 
 def test_exact_copies_are_duplicates_at_the_strictest_thresholds():

@@ -255,3 +255,24 @@ def test_an_index_in_a_folder_nobody_may_write_is_read_and_not_written(tmp_path,
     with pytest.raises(ImgIndexError, match="folder cannot be written"):
         Store.open(tmp_path / "idx", writable=True)
     assert sorted(os.listdir(tmp_path / "idx")) == [DB_NAME, FAISS_NAME, "write.lock"]
+
+
+def test_a_new_database_is_in_wal_mode_before_it_is_renamed_into_place(tmp_path, monkeypatch):
+    """Switching modes on the first open could be interrupted by a kill, leaving a rollback
+    journal a reader cannot replay ("attempt to write a readonly database"): the database is
+    already in WAL mode, and closed, when it appears."""
+    import sqlite3
+
+    def killed(*args, **kwargs):
+        raise SystemExit("killed right after the rename")
+
+    monkeypatch.setattr(Store, "open", classmethod(killed))
+    with pytest.raises(SystemExit):
+        Store.create(tmp_path / "idx", FINGERPRINT)
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path / "idx")) == [DB_NAME, "write.lock"]
+    conn = sqlite3.connect(f"file:{tmp_path / 'idx' / DB_NAME}?mode=ro", uri=True)
+    assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    conn.close()
+    reader = Store.open(tmp_path / "idx")
+    assert reader.count() == 0 and reader.fingerprint() == FINGERPRINT
