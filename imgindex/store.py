@@ -164,9 +164,21 @@ class Store:
         self._lock_fh: Any = None
         self._dirty = False  # vector_index differs from the FAISS file
         self._last_save = time.monotonic()
+        self._stamp = self._files_stamp()
         self.vector_index = self._load_vector_index()
         self._seen_data_version = self._data_version()
         self._reconcile()
+
+    def _files_stamp(self) -> tuple[Any, ...]:
+        """What changes on disk when anyone writes to the database."""
+        stamp = []
+        for name in (DB_NAME, DB_NAME + "-wal", DB_NAME + "-shm"):
+            try:
+                st = os.stat(self.path / name)
+                stamp.append((st.st_size, st.st_mtime_ns))
+            except FileNotFoundError:
+                stamp.append(None)
+        return tuple(stamp)
 
     # -- opening ----------------------------------------------------------------------------
 
@@ -613,6 +625,15 @@ class Store:
 
     def refresh(self) -> None:
         """Bring the in-memory FAISS index up to date if another process committed changes."""
+        if getattr(self.db, "immutable", False) and self._files_stamp() != self._stamp:
+            # Read as immutable (see _read_only_uri), SQLite sees no change: open anew.
+            self.db.close()
+            self.db = _connect(self.path / DB_NAME, read_only=True)
+            self._stamp = self._files_stamp()
+            self.vector_index = self._load_vector_index()
+            self._seen_data_version = self._data_version()
+            self._reconcile()
+            return
         version = self._data_version()
         if version != self._seen_data_version:
             self._seen_data_version = version
@@ -971,8 +992,17 @@ def _read_only_uri(path: Path) -> str:
     a property of the file), so that it also works where the folder cannot be written."""
     uri = f"{path.resolve().as_uri()}?mode=ro"
     if not os.access(path.parent, os.W_OK) and not os.path.exists(f"{path}-shm"):
-        # SQLite cannot make the shared-memory file a WAL reader needs; nothing can be writing
-        # to a folder nobody may write to, so read the file as it stands.
+        # SQLite cannot make the shared-memory file a WAL reader needs. No one is writing (a
+        # writer makes that file), so the database file can be read as it stands, provided
+        # no committed changes wait in a write-ahead log (ignored then). A writer that starts
+        # later is noticed by Store.refresh, which opens the file again.
+        wal = Path(f"{path}-wal")
+        if wal.exists() and wal.stat().st_size:
+            raise ImgIndexError(
+                f"{path.parent}: changes wait in {wal.name}, which only someone who may write "
+                "this folder can apply: run an imgindex command that writes (imgindex repair, "
+                "say) as such a user, or make the folder writable"
+            )
         uri += "&immutable=1"
     return uri
 
@@ -986,6 +1016,7 @@ def _connect(path: Path, read_only: bool = False) -> Any:
     if read_only:
         uri = _read_only_uri(path)
         db = sqlite_utils.Database(sqlite3.connect(uri, uri=True, check_same_thread=False))
+        db.immutable = uri.endswith("immutable=1")  # type: ignore[attr-defined]
     else:
         db = sqlite_utils.Database(sqlite3.connect(path, check_same_thread=False))
         db.execute("PRAGMA journal_mode = WAL")

@@ -276,3 +276,31 @@ def test_a_new_database_is_in_wal_mode_before_it_is_renamed_into_place(tmp_path,
     conn.close()
     reader = Store.open(tmp_path / "idx")
     assert reader.count() == 0 and reader.fingerprint() == FINGERPRINT
+
+
+def test_a_reader_that_cannot_write_the_folder_still_sees_later_writes(tmp_path, monkeypatch):
+    """Such a reader opens the database as immutable, where SQLite notices no change; a writer
+    with more rights (the folder's owner) may start later, and refresh must then open the
+    database anew. Committed changes left in a write-ahead log are refused, not ignored."""
+    from imgindex.errors import ImgIndexError
+
+    store = Store.create(tmp_path / "idx", FINGERPRINT)
+    store.write_batch(images(3), vectors(3))
+    store.close()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: mode != os.W_OK and real_access(p, mode))
+    reader = Store.open(tmp_path / "idx")
+    assert reader.db.immutable and reader.count() == 3
+    monkeypatch.undo()  # the owner writes
+    writer = Store.open(tmp_path / "idx", writable=True)
+    writer.write_batch(images(2, start=3), vectors(2, seed=1))
+    reader.refresh()
+    assert reader.count() == 5
+    assert_consistent(reader)
+    reader.close()
+    # A writer killed before folding its log in (its -shm then deleted): not read as if empty.
+    os.remove(tmp_path / "idx" / f"{DB_NAME}-shm")
+    monkeypatch.setattr(os, "access", lambda p, mode: mode != os.W_OK and real_access(p, mode))
+    with pytest.raises(ImgIndexError, match=r"changes wait in imgindex\.db-wal"):
+        Store.open(tmp_path / "idx")
+    writer.db.close()
