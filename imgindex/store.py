@@ -162,6 +162,7 @@ class Store:
         self.writable = writable
         self.dim = int(self.meta("dim"))
         self._lock_fh: Any = None
+        self._leftovers_removed = 0  # temporary files of a crashed writer, deleted by lock()
         self._dirty = False  # vector_index differs from the FAISS file
         self._last_save = time.monotonic()
         self._stamp = self._files_stamp()
@@ -279,6 +280,13 @@ class Store:
         except sqlite3.DatabaseError as exc:
             db.close()
             if isinstance(exc, sqlite3.OperationalError):
+                if not writable and "readonly" in str(exc):
+                    raise ImgIndexError(
+                        f"{path}: SQLite needs to write its shared files beside {DB_NAME} to "
+                        "read it (a writer left them half there), and this folder cannot be "
+                        "written: run an imgindex command that writes (imgindex repair, say) "
+                        "as a user who may write it"
+                    ) from None
                 raise
             raise IncompatibleIndexError(f"{path}: {DB_NAME} {DAMAGED} ({exc})") from None
         except BaseException:
@@ -332,6 +340,7 @@ class Store:
         for leftover in self._temporary_files():
             with contextlib.suppress(FileNotFoundError):
                 leftover.unlink()
+                self._leftovers_removed += 1
         # Another writer may have committed since this store was opened.
         self.refresh()
 
@@ -869,7 +878,7 @@ class Store:
         if remove_missing:
             gone = [row[0] for row in self.file_rows() if not os.path.lexists(row[2])]
             missing = self.remove(gone)
-        temporary = 0
+        temporary = self._leftovers_removed  # taking the lock deleted these already
         for leftover in self._temporary_files():
             leftover.unlink()
             temporary += 1

@@ -304,3 +304,14 @@ def test_a_reader_that_cannot_write_the_folder_still_sees_later_writes(tmp_path,
     with pytest.raises(ImgIndexError, match=r"changes wait in imgindex\.db-wal"):
         Store.open(tmp_path / "idx")
     writer.db.close()
+
+
+def test_repair_counts_the_leftovers_that_taking_the_lock_removed(tmp_path):
+    store = Store.create(tmp_path / "idx", FINGERPRINT)
+    store.close()
+    (tmp_path / "idx" / f".{FAISS_NAME}.12345.tmp").write_bytes(b"half a file")
+    store = Store.open(tmp_path / "idx", writable=True)
+    assert store.check(check_files=False).warnings[-1].startswith("leftover temporary file")
+    store.lock()
+    assert store.repair()["temporary_files_removed"] == 1
+    assert not list((tmp_path / "idx").glob("*.tmp"))
