@@ -347,6 +347,12 @@ class _Build:
         if not todo:
             return
         known_shas = frozenset(self.by_sha)
+        if not self._model_loaded() and self._may_all_be_stored(todo):
+            # Every file has the size of a stored one: perhaps all moved or were copied. They
+            # are hashed in this thread first; the model loads (about 5 s) only if one of them
+            # needs embedding after all.
+            self._consume(_map_bounded(lambda p: self.read(p, known_shas), todo, 0, 1))
+            return
         self.max_pixels  # noqa: B018 - loads the model here, before reading threads ask for it
         if workers is None:
             workers = default_workers(self.vectorizer.device)
@@ -357,6 +363,16 @@ class _Build:
             pillow_block_cache(3 * max(1, workers) + 2),
         ):
             self._consume(_map_bounded(lambda p: self.read(p, known_shas), todo, workers, ahead))
+
+    def _model_loaded(self) -> bool:
+        return "vectorizer" in self.__dict__ or not callable(self._vectorizer_source)
+
+    def _may_all_be_stored(self, todo: list[Path]) -> bool:
+        sizes = {row.size for row in self.known.values()}
+        try:
+            return all(os.stat(path).st_size in sizes for path in todo)
+        except OSError:
+            return False
 
     @contextlib.contextmanager
     def _timed(self, stage: str) -> Iterator[None]:
@@ -377,7 +393,7 @@ class _Build:
             yield item
 
     def _consume(self, results: Iterator[_Outcome]) -> None:
-        batch_size = self.vectorizer.batch_size
+        # (The model is asked for only once something waits to be embedded: see _process.)
         buckets: dict[tuple[int, ...], list[_Read]] = defaultdict(list)
         pending = 0
         for path, outcome in self._timed_reads(results):
@@ -395,7 +411,7 @@ class _Build:
                 pending += 1
                 # A batch, or fewer very large pictures (their pixels all land on the device).
                 pixels = sum(r.image.width * r.image.height for r in self.jpegs)
-                if len(self.jpegs) >= batch_size or pixels >= JPEG_BATCH_PIXELS:
+                if len(self.jpegs) >= self.vectorizer.batch_size or pixels >= JPEG_BATCH_PIXELS:
                     pending -= self._decode_jpegs(buckets)
             elif outcome.tensor is None:
                 # Its only twin was replaced earlier in this build: embed it after all.
@@ -405,7 +421,9 @@ class _Build:
                 buckets[self.vectorizer.group_key(outcome.tensor)].append(outcome)
                 self.twins_waiting[outcome.image.sha256] = []
                 pending += 1
-            shape = self._full_bucket(buckets, batch_size, pending)
+            shape = (
+                self._full_bucket(buckets, self.vectorizer.batch_size, pending) if pending else None
+            )
             if shape is not None:
                 pending -= len(buckets[shape])
                 self._embed(buckets.pop(shape))

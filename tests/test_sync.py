@@ -264,3 +264,24 @@ def test_a_renamed_top_folder_moves_its_entries(tmp_path, photos, fake_vectorize
         # With add (which removes nothing), a copy of a file that still exists stays a copy.
         shutil.copytree(photos / "pie", photos / "copy")
         assert index.add(photos / "copy").renamed == 0 and len(index) == 2 * count
+
+
+def test_moved_and_copied_files_are_synced_without_loading_the_model(
+    tmp_path, photos, use_fake_model, monkeypatch
+):
+    """Files whose content is stored need no network: a build of moved and copied files does
+    not load the model (about 5 s); one with a new picture does."""
+    with imgindex.Index.create(tmp_path / "idx") as index:
+        index.sync(photos / "pizza")
+    (photos / "pizza").rename(photos / "pie")
+    shutil.copy(photos / "pie" / "image_0001.jpg", photos / "pie" / "copy.jpg")
+    loads = []
+    real_build = use_fake_model._build_network
+    monkeypatch.setattr(
+        use_fake_model, "_build_network", lambda self: loads.append(1) or real_build(self)
+    )
+    with imgindex.Index.open(tmp_path / "idx", create=True) as index:
+        report = index.sync(photos / "pie")
+        assert (report.renamed, report.reused, report.embedded) == (6, 7, 0) and loads == []
+        random_image(photos / "pie" / "new.png", size=(40, 30), seed=9)
+        assert index.sync(photos / "pie").embedded == 1 and loads == [1]
