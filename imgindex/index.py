@@ -32,6 +32,7 @@ from imgindex.duplicates import (
     neighbor_pairs,
 )
 from imgindex.errors import ImgIndexError, IncompatibleIndexError, IndexExistsError, WeightsError
+from imgindex.files import is_under
 from imgindex.model import PRESETS, Vectorizer, _split_batch, resolve_weights
 from imgindex.search import Hit, check_metric, rank_exactly
 from imgindex.store import CheckReport, ImageRecord, Store, database_state, path_text
@@ -314,14 +315,14 @@ class Index:
             ids = [
                 image_id
                 for image_id, text, *_ in store.file_rows()
-                if any(text == t or text.startswith(t.rstrip(os.sep) + os.sep) for t in texts)
+                if any(is_under(text, t) for t in texts)
             ]
             removed = store.remove(ids)
             store.forget_skipped(
                 [
                     text
                     for text, _raw, _reason in store.skipped_files()
-                    if any(text == t or text.startswith(t.rstrip(os.sep) + os.sep) for t in texts)
+                    if any(is_under(text, t) for t in texts)
                 ]
             )
             store.save_vector_index()
