@@ -238,7 +238,7 @@ class Store:
             db = _connect(building)
             try:
                 _migrate(db, path)
-                with db.atomic():
+                with write_transaction(db):
                     db["meta"].insert_all([{"key": k, "value": v} for k, v in settings.items()])
                 db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             finally:
@@ -294,13 +294,11 @@ class Store:
             raise
 
     def close(self) -> None:
-        if self.writable:
-            # Fold the write-ahead log into the database file so the folder is compact at rest;
-            # harmless if a reader holds it open (the checkpoint then stops early).
-            with contextlib.suppress(Exception):
-                self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         self.unlock()
         self.db.close()
+
+    def _writing(self) -> contextlib.AbstractContextManager[Any]:
+        return write_transaction(self.db)
 
     # -- settings ---------------------------------------------------------------------------
 
@@ -345,9 +343,21 @@ class Store:
         self.refresh()
 
     def unlock(self) -> None:
-        if self._lock_fh is not None:
-            self._lock_fh.close()  # closing releases the flock
-            self._lock_fh = None
+        if self._lock_fh is None:
+            return
+        # Fold the write-ahead log into the database file so the folder is compact at rest.
+        # Only the lock's holder does this: a checkpoint that truncates the log takes SQLite's
+        # write lock at its end, and so must not run beside another process's build (a writer
+        # refused our lock used to do it on closing, and made the build's commits fail). It
+        # does not wait for readers (busy timeout 0): one still reading stops it early, which
+        # is harmless.
+        with contextlib.suppress(Exception):
+            self.db.execute("PRAGMA busy_timeout = 0")
+            self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        with contextlib.suppress(Exception):
+            self.db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        self._lock_fh.close()  # closing releases the flock
+        self._lock_fh = None
 
     def _temporary_files(self) -> list[Path]:
         return sorted(self.path.glob(f".{FAISS_NAME}.*.tmp"))
@@ -483,7 +493,7 @@ class Store:
         now = _now()
         new_ids: list[int] = []
         replaced: list[int] = []
-        with self.db.atomic():
+        with self._writing():
             for image, vector in zip(images, vectors, strict=True):
                 text = path_text(image.path)
                 replaced += self._delete_path(text)
@@ -518,7 +528,7 @@ class Store:
         vector); an entry already at that path is replaced."""
         self._require_writable()
         text = path_text(image.path)
-        with self.db.atomic():
+        with self._writing():
             replaced = [i for i in self._delete_path(text) if i != image_id]
             self.db.execute(
                 "UPDATE images SET path = ?, raw_path = ?, size = ?, mtime = ? WHERE id = ?",
@@ -535,7 +545,7 @@ class Store:
     def touch(self, image_id: int, image: NewImage) -> None:
         """Record a new size / modification time for an image whose content is unchanged."""
         self._require_writable()
-        with self.db.atomic():
+        with self._writing():
             # A file that failed to read (keeping its entry) and reads again is not skipped.
             self.db.execute("DELETE FROM skipped WHERE path = ?", [path_text(image.path)])
             self.db.execute(
@@ -547,7 +557,7 @@ class Store:
         """Remove the images ``ids`` (rows and vectors) in one transaction; returns how many."""
         self._require_writable()
         removed: list[int] = []
-        with self.db.atomic():
+        with self._writing():
             for chunk, marks in _id_chunks(list(ids)):
                 removed += [
                     r[0]
@@ -560,13 +570,13 @@ class Store:
 
     def record_skipped(self, skipped: Sequence[tuple[Path, str]]) -> None:
         self._require_writable()
-        with self.db.atomic():
+        with self._writing():
             self._record_skipped(skipped, _now())
 
     def forget_skipped(self, paths: Iterable[str]) -> None:
         """Drop the skip records of ``paths`` (path texts), e.g. files that no longer exist."""
         self._require_writable()
-        with self.db.atomic():
+        with self._writing():
             for text in paths:
                 self.db.execute("DELETE FROM skipped WHERE path = ?", [text])
 
@@ -620,7 +630,7 @@ class Store:
         if spec is not None:
             spec.check(self.dim)
         value = "auto" if spec is None else json.dumps(spec.as_dict())
-        with self.db.atomic():
+        with self._writing():
             self._set_meta("index_requested", value)
 
     def index_note(self) -> str | None:
@@ -665,10 +675,10 @@ class Store:
         # The kind being written is recorded first: the file's rename and the record of its
         # kind cannot be one step, and whoever opens the index after a kill between them must
         # still recognise the file (_load_faiss_file).
-        with self.db.atomic():
+        with self._writing():
             self._set_meta("index_writing", spec)
         self.vector_index.save(self.path / FAISS_NAME)
-        with self.db.atomic():
+        with self._writing():
             self._set_meta("index_built", spec)
             self.db.execute("DELETE FROM meta WHERE key = 'index_writing'")
         self._dirty = False
@@ -864,7 +874,7 @@ class Store:
         files and (with ``remove_missing``) the entries of files that no longer exist."""
         self._require_writable()
         db = self.db
-        with db.atomic():
+        with self._writing():
             orphans = db.execute(
                 "DELETE FROM vectors WHERE id NOT IN (SELECT id FROM images)"
             ).rowcount
@@ -1031,8 +1041,40 @@ def _connect(path: Path, read_only: bool = False) -> Any:
         db.execute("PRAGMA journal_mode = WAL")
         db.execute("PRAGMA synchronous = NORMAL")
         db.execute("PRAGMA foreign_keys = ON")
-    db.execute("PRAGMA busy_timeout = 10000")
+    db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
     return db
+
+
+# How long a statement waits for SQLite's own locks (a reader's snapshot being set up, a
+# checkpoint) before failing with "database is locked".
+BUSY_TIMEOUT_MS = 10_000
+
+
+@contextlib.contextmanager
+def write_transaction(db: Any) -> Iterator[Any]:
+    """One write transaction on ``db`` (nested: a savepoint). It takes SQLite's write lock at
+    its start (``BEGIN IMMEDIATE``), waiting up to the busy timeout for whoever holds it. A
+    deferred ``BEGIN`` would take it only at the first write, and SQLite refuses that upgrade at
+    once, without waiting, when another connection wrote since the transaction began reading:
+    "database is locked" in the middle of a build."""
+    conn = db.conn
+    if conn.in_transaction:
+        with db.atomic():
+            yield db
+        return
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield db
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    try:
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
 
 
 def _migrate(db: Any, path: Path, apply: bool = True) -> None:
@@ -1054,7 +1096,7 @@ def _migrate(db: Any, path: Path, apply: bool = True) -> None:
             f"{path}: made by an older imgindex; run `imgindex build` on it once to upgrade it"
         )
     for name, sql in pending:
-        with db.atomic():
+        with write_transaction(db):
             db.execute(
                 "CREATE TABLE IF NOT EXISTS _migrations "
                 "(name TEXT PRIMARY KEY, applied_at TEXT NOT NULL)"

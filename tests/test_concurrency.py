@@ -96,3 +96,32 @@ def test_cli_query_during_a_build(tmp_path):
     builder.wait()
     assert result.returncode == 0, result.stderr
     assert len(json.loads(result.stdout)[0]["results"]) == 2 * BATCH
+
+
+def test_refused_writers_and_readers_do_not_disturb_a_build(tmp_path):
+    """Writers refused the lock (and readers) while a build runs must not touch SQLite's write
+    path: a refused `remove` used to checkpoint the write-ahead log on closing, and after some
+    tens of them the build died with "database is locked"."""
+    from imgindex.errors import IndexLockedError
+
+    folder = make_folder(tmp_path, 200)
+    index = tmp_path / "idx"
+    with imgindex.Index.create(index, vectorizer=FakeVectorizer(device="cpu")):
+        pass
+    # (--wait: the loop below may hold the lock for a moment as the build starts.)
+    builder = helper(index, folder, "none", 0, "--wait", "30", env={"SLOW_COMMITS": "0.03"})
+    refused = 0
+    probe = np.zeros(768, dtype=np.float32)
+    while builder.poll() is None:
+        with imgindex.Index.open(index) as other:
+            other.search_by_vector(probe, k=5)
+            try:
+                other.remove([tmp_path / "elsewhere"])  # nothing there: harmless if allowed
+            except IndexLockedError:
+                refused += 1
+    _, err = builder.communicate()
+    assert builder.returncode == 0, err
+    assert refused >= 20, refused
+    with imgindex.Index.open(index, vectorizer=FakeVectorizer(device="cpu")) as built:
+        assert built.count() == 200
+        assert built.check().ok
