@@ -21,9 +21,12 @@ IVF-PQ, or a raw FAISS factory string for experts.
 from __future__ import annotations
 
 import contextlib
+import errno
 import math
 import os
 import re
+import secrets
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -332,10 +335,12 @@ class VectorIndex:
             return None  # an HNSW file for cosine is no HNSW file for l2
         return cls(spec, dim, base, mutable=not mmap)
 
-    def save(self, path: Path) -> None:
-        """Write the base atomically, with the delta folded in (tombstones stay derivable)."""
+    def write_temporary(self, target: Path) -> tuple[Path, FileDigest]:
+        """Write the base, with the delta folded in (tombstones stay derivable), to a new
+        temporary file beside ``target``, for the caller to rename over it. See
+        :func:`write_temporary`."""
         self._fold_delta()
-        _atomic_write(self._faiss, self.base, path)
+        return write_temporary(self._faiss, self.base, target)
 
     # -- contents -----------------------------------------------------------------------------
 
@@ -683,18 +688,71 @@ def _base_bytes(base: Any) -> int:
     return n * getattr(inner, "code_size", 4 * base.d) + ids
 
 
-def _atomic_write(faiss: Any, index: Any, target: Path) -> None:
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+@dataclass(frozen=True)
+class FileDigest:
+    """The size and CRC-32 of a file, recorded when it is written and checked when it is read:
+    a file damaged on disk (flipped bits, a torn write) is then known to be damaged."""
+
+    size: int
+    crc32: int
+
+    def as_dict(self) -> dict[str, int]:
+        return {"bytes": self.size, "crc32": self.crc32}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FileDigest:
+        return cls(int(data["bytes"]), int(data["crc32"]))
+
+    @classmethod
+    def of_file(cls, path: Path, expected_size: int | None = None) -> FileDigest | None:
+        """The digest of the file at ``path`` (None if it cannot be read). A file whose size is
+        not ``expected_size`` is not read: its digest cannot match."""
+        crc = 0
+        try:
+            with open(path, "rb") as fh:
+                size = os.fstat(fh.fileno()).st_size
+                if expected_size is not None and size != expected_size:
+                    return cls(size, -1)
+                while block := fh.read(1 << 22):
+                    crc = zlib.crc32(block, crc)
+        except OSError:
+            return None
+        return cls(size, crc)
+
+
+def write_temporary(faiss: Any, index: Any, target: Path) -> tuple[Path, FileDigest]:
+    """Write ``index`` to a new file beside ``target`` and make it durable; return its path
+    and digest. The name is unpredictable and the file created exclusively, never through a
+    link planted there. Every byte goes through Python's own writes, so a full disk or any
+    other write error raises (``faiss.write_index`` to a file name only prints a failed close
+    and returns), and the size on disk is checked against what was written."""
+    temp = target.with_name(f".{target.name}.{secrets.token_hex(8)}.tmp")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+    flags |= getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(temp, flags, 0o644)
+    written = {"size": 0, "crc32": 0}
+
+    def sink(data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            done = os.write(fd, view)
+            view = view[done:]
+        written["size"] += len(data)
+        written["crc32"] = zlib.crc32(data, written["crc32"])
+
     try:
-        faiss.write_index(index, str(tmp))
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    finally:
+        try:
+            faiss.write_index(index, faiss.PyCallbackIOWriter(sink))
+            os.fsync(fd)
+            on_disk = os.fstat(fd).st_size
+        finally:
+            os.close(fd)
+        if on_disk != written["size"]:
+            raise OSError(
+                errno.EIO, f"{on_disk} bytes on disk where {written['size']} were written"
+            )
+    except BaseException:
         with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-    dir_fd = os.open(target.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+            temp.unlink()
+        raise
+    return temp, FileDigest(written["size"], written["crc32"])

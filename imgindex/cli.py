@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import sqlite3
 import sys
 import time
@@ -102,7 +103,7 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except ImgIndexError as exc:
-            raise click.ClickException(str(exc)) from None
+            raise click.ClickException(shown(str(exc))) from None
         except BrokenPipeError:
             # The reader went away (`imgindex eval | head`): stop quietly, as other tools do.
             devnull = os.open(os.devnull, os.O_WRONLY)
@@ -116,7 +117,7 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
                 from imgindex.store import DAMAGED, DB_NAME
 
                 message += f" (the index's {DB_NAME} {DAMAGED})"
-            raise click.ClickException(message) from None
+            raise click.ClickException(shown(message)) from None
         except KeyboardInterrupt:
             click.echo("\nInterrupted.", err=True)
             sys.exit(130)
@@ -124,17 +125,43 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+# Characters a file name may hold that a terminal acts on: C0 and C1 controls (escape sequences,
+# newlines, carriage returns, backspace) and the marks that reorder text (bidirectional
+# overrides and isolates, which can make a name read as another).
+_REORDERING = "\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069"
+_TERMINAL_CONTROLS = re.compile(f"[\x00-\x1f\x7f-\x9f{_REORDERING}]")
+_NOT_ESCAPED_BY_JSON = re.compile(f"[\x7f-\x9f{_REORDERING}]")  # it escapes C0 itself
+
+
+def _escape(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def shown(text: str) -> str:
+    """``text`` as it may be printed for a person: control characters in it are written as
+    ``\\xNN`` / ``\\uNNNN``, so that a file name can neither drive the terminal (clear the
+    screen, retitle the window) nor forge lines of a report. Every file name, reason and
+    message from the library is printed through this; JSON is exact instead (:func:`print_json`)."""
+    return _TERMINAL_CONTROLS.sub(_escape, text)
+
+
 def display_path(path: str) -> str:
-    """A path relative to the current folder when it lies inside it, else absolute."""
+    """A path relative to the current folder when it lies inside it, else absolute; shown
+    safely (:func:`shown`)."""
     try:
         rel = os.path.relpath(path)
     except ValueError:
-        return path
-    return path if rel.startswith("..") else rel
+        return shown(path)
+    return shown(path if rel.startswith("..") else rel)
 
 
 def print_json(data: Any) -> None:
-    click.echo(json.dumps(data, indent=2, ensure_ascii=False))
+    """JSON on stdout. Strings keep every character; those a terminal acts on are written as
+    JSON escapes (JSON escapes C0 controls itself; C1 controls and text-reordering marks too,
+    here), which decode to the same text."""
+    text = json.dumps(data, indent=2, ensure_ascii=False)
+    click.echo(_NOT_ESCAPED_BY_JSON.sub(lambda m: f"\\u{ord(m.group()):04x}", text))
 
 
 def verbose_option(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -201,7 +228,10 @@ class ProgressLine(StatusLine):
         super().__init__(enabled, interval=0.2)
 
     def __call__(self, state: Any) -> None:
-        if not self.due(force=state.done >= state.total):
+        if not self.due(force=state.done >= state.total or state.loading_model):
+            return
+        if state.loading_model:
+            self.show(f"Loading the model ... ({state.total} files to read)")
             return
         rate = state.images_per_second
         remaining = state.total - state.done
@@ -300,6 +330,24 @@ def ingest_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                 "--strict", is_flag=True, help="Exit with status 1 if any file was skipped."
             ),
             click.option("--progress/--no-progress", default=True, help="Progress on a terminal."),
+            click.option(
+                "--retry-skipped",
+                is_flag=True,
+                help="Read again the files earlier builds skipped (by default only those whose "
+                "size or times changed since, or with a higher --max-pixels).",
+            ),
+            click.option(
+                "--private",
+                is_flag=True,
+                help="Make the index folder readable by you alone (0700): it holds the full "
+                "paths of your images. New index folders are private anyway when the folder "
+                "they are made in is.",
+            ),
+            click.option(
+                "--dry-run",
+                is_flag=True,
+                help="Say what would be read and removed; change nothing (reads no image).",
+            ),
         ]
     ):
         fn = option(fn)
@@ -317,7 +365,7 @@ def wait_option(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _say_waiting(holder: str) -> None:
-    click.echo(f"Waiting for the index lock, held by {holder} ...", err=True)
+    click.echo(f"Waiting for the index lock, held by {shown(holder)} ...", err=True)
 
 
 @cli.command()
@@ -413,6 +461,9 @@ def _ingest(
     wait: float,
     verbose: bool,
     as_json: bool,
+    retry_skipped: bool,
+    private: bool,
+    dry_run: bool,
     index_type: Any = None,
 ) -> None:
     from imgindex.errors import IndexExistsError
@@ -424,21 +475,27 @@ def _ingest(
     _require_existing(paths, "PATHS")
     location = index_path or default_index_path()
     created = database_state(location) != "complete"
+    if dry_run:
+        _dry_run(paths, location, created, remove_missing, retry_skipped, as_json)
+        return
     args = {"weights": weights, "device": device, "batch_size": batch_size}
     args.update({"precision": precision, "preset": preset})
     spec = None if index_type == "auto" else index_type
     if created:
         try:
-            index = Index.create(location, index_type=spec, wait=wait, on_wait=_say_waiting, **args)
+            index = Index.create(
+                location, index_type=spec, wait=wait, on_wait=_say_waiting, private=private,
+                **args,
+            )  # fmt: skip
         except IndexExistsError:
             created = False  # another process created it a moment ago
     if not created:
-        index = Index.open(location, create=True, **args)
+        index = Index.open(location, create=True, private=private, **args)
         if index_type is not None:
             index.set_index_type(spec, wait=wait, on_wait=_say_waiting)
     with index:
         if created and not as_json:
-            click.echo(f"Created index {location}", err=True)
+            click.echo(f"Created index {shown(str(location))}", err=True)
         # A new index loads the model to record its weights; an existing one loads it only if
         # some file needs reading (the breakdown below says how long that took).
         timer.done("create index and load the model" if created else "open index")
@@ -453,6 +510,7 @@ def _ingest(
                 decode=decode,
                 wait=wait,
                 on_wait=_say_waiting,
+                retry_skipped=retry_skipped,
             )
         except KeyboardInterrupt:
             bar.clear()
@@ -475,6 +533,52 @@ def _ingest(
         _print_report(report, location, sum(disk_usage(location).values()))
     if strict and report.skipped:
         raise click.ClickException(f"--strict: {len(report.skipped)} file(s) were skipped")
+
+
+def _dry_run(
+    paths: tuple[Path, ...],
+    location: Path,
+    new: bool,
+    remove_missing: bool,
+    retry_skipped: bool,
+    as_json: bool,
+) -> None:
+    """--dry-run: what a build (or add) would read and remove; nothing is changed."""
+    from imgindex.files import resolve_roots, walk_images
+    from imgindex.index import Index
+
+    if new:
+        found = [path_text(p) for p in walk_images(resolve_roots(paths)[0])]
+        if as_json:
+            print_json({"index": str(location), "dry_run": True, "new_index": True,
+                        "to_read": found, "to_remove": []})  # fmt: skip
+        else:
+            click.echo(
+                f"Dry run: no index at {shown(str(location))} yet; a build would create it and "
+                f"read {_count(len(found), 'file')}. Nothing was changed."
+            )
+        return
+    with Index.open(location) as index:
+        report = index.sync(
+            paths, remove_missing=remove_missing, retry_skipped=retry_skipped, dry_run=True
+        )
+    if as_json:
+        print_json({"index": str(location), **report.as_dict()})
+        return
+    click.echo(
+        f"Dry run: {_count(len(report.to_read), 'file')} to read (new, changed or moved), "
+        f"{_count(len(report.to_remove), 'entry')} whose files are gone (removed, but for "
+        f"moved files, which keep theirs), {report.unchanged} unchanged, "
+        f"{len(report.skipped)} skipped ({report.skipped_unchanged} of them unchanged since an "
+        "earlier build). Nothing was changed."
+    )
+    for title, names in (("To read", report.to_read), ("Gone", report.to_remove)):
+        if names:
+            click.echo(f"{title}:")
+            for name in names[:20]:
+                click.echo(f"  {display_path(name)}")
+            if len(names) > 20:
+                click.echo(f"  ... and {len(names) - 20} more (--json lists all)")
 
 
 def _require_existing(paths: Iterable[Path], param_hint: str) -> None:
@@ -524,36 +628,75 @@ def _print_report(report: Any, location: Path, bytes_on_disk: int) -> None:
     if report.reused:
         click.echo(f"Reused the stored vectors of {report.reused} moved or copied files.")
     if report.skipped:
-        click.echo(f"Skipped {len(report.skipped)} file(s):")
+        again = ""
+        if report.skipped_unchanged:
+            again = (
+                f" ({report.skipped_unchanged} skipped before and unchanged since, not read "
+                "again; --retry-skipped reads them)"
+            )
+        click.echo(f"Skipped {len(report.skipped)} file(s){again}:")
         for item in report.skipped[:20]:
-            click.echo(f"  {display_path(item.path)}: {item.reason}")
+            click.echo(f"  {display_path(item.path)}: {shown(item.reason)}")
         if len(report.skipped) > 20:
             click.echo(f"  ... and {len(report.skipped) - 20} more (imgindex info --skipped)")
     for warning in report.warnings:
-        click.echo(f"Warning: {warning}")
-    click.echo(f"Index {location}: {report.total} images, {_size(bytes_on_disk)} on disk.")
+        click.echo(f"Warning: {shown(warning)}")
+    for note in report.notes:
+        click.echo(f"Note: {shown(note)}")
+    click.echo(
+        f"Index {shown(str(location))}: {report.total} images, {_size(bytes_on_disk)} on disk."
+    )
 
 
 @cli.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
 @index_option
 @wait_option
+@click.option("--dry-run", is_flag=True, help="Say how many entries would go; change nothing.")
+@click.option("--yes", is_flag=True, help="Remove every entry without asking, if PATHS say so.")
 @json_option
 @user_errors
-def remove(paths: tuple[Path, ...], index_path: Path | None, wait: float, as_json: bool) -> None:
+def remove(
+    paths: tuple[Path, ...],
+    index_path: Path | None,
+    wait: float,
+    dry_run: bool,
+    yes: bool,
+    as_json: bool,
+) -> None:
     """Remove the entries of PATHS (files, or folders: all entries under them) from the index.
 
-    The files themselves are not touched, and need not exist any more.
+    The files themselves are not touched, and need not exist any more. Removing every entry
+    (`imgindex remove /`, say) asks first, or needs --yes.
     """
     with _open_index(index_path) as index:
-        removed = index.remove(paths, wait=wait, on_wait=_say_waiting)
+        going = index.remove(paths, dry_run=True)
+        total = index.count()
+        if not dry_run and going and going == total and not yes:
+            _confirm_removing_everything(index, total)
+        removed = going if dry_run else index.remove(paths, wait=wait, on_wait=_say_waiting)
         remaining = index.count()
     if as_json:
-        print_json({"removed": removed, "total": remaining})
+        print_json({"removed": removed, "total": remaining, "dry_run": dry_run})
+    elif dry_run:
+        click.echo(
+            f"Dry run: {_count(removed, 'entry')} would be removed; "
+            f"{_count(total - removed, 'image')} would remain. Nothing was changed."
+        )
     else:
         click.echo(f"Removed {_count(removed, 'entry')}; {_count(remaining, 'image')} remain.")
         if not removed:
             click.echo("(Nothing indexed is under those paths: imgindex info shows the index.)")
+
+
+def _confirm_removing_everything(index: Any, total: int) -> None:
+    question = f"This removes all {_count(total, 'entry')} of {shown(str(index.path))}. Go on?"
+    if not sys.stdin.isatty():
+        raise click.UsageError(
+            f"this would remove all {_count(total, 'entry')} of the index; add --yes to do so"
+        )
+    if not click.confirm(question, default=False, err=True):
+        raise click.ClickException("nothing was removed")
 
 
 @cli.command()
@@ -582,13 +725,13 @@ def check(index_path: Path | None, weights: Path | None, no_files: bool, as_json
     else:
         faiss_file = "none" if report.faiss_file is None else str(report.faiss_file)
         click.echo(
-            f"Index {location}: {report.images} images, {report.vectors} stored vectors, "
-            f"{faiss_file} in {FAISS_NAME}"
+            f"Index {shown(str(location))}: {report.images} images, {report.vectors} stored "
+            f"vectors, {faiss_file} in {FAISS_NAME}"
         )
         for problem in report.problems:
-            click.echo(f"  problem: {problem}")
+            click.echo(f"  problem: {shown(problem)}")
         for warning in report.warnings:
-            click.echo(f"  warning: {warning}")
+            click.echo(f"  warning: {shown(warning)}")
         if report.missing_files:
             click.echo(
                 f"  problem: {len(report.missing_files)} indexed files no longer exist "
@@ -664,7 +807,19 @@ def search_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
+def _warn_if_missing(under: Path | None) -> None:
+    if under is not None and not os.path.lexists(under):
+        click.echo(
+            f"Warning: --under {shown(str(under))}: no such folder or file; only images indexed "
+            "under that name can match",
+            err=True,
+        )
+
+
 def _search_kwargs(options: dict[str, Any]) -> dict[str, Any]:
+    """The library's search options from the command's; warns of an --under that names
+    nothing on disk (a typo would otherwise just give no results)."""
+    _warn_if_missing(options["under"])
     if options["max_distance"] is not None and options["metric"] != "l2":
         raise click.UsageError("--max-distance goes with --metric l2; use --min-similarity")
     if options["min_similarity"] is not None and options["metric"] != "cosine":
@@ -713,10 +868,10 @@ def query(
     queries = [path_text(os.path.abspath(images[n])) for n in good]
     errors = {n: {"query": path_text(os.path.abspath(images[n])), "error": failed[n].reason}
               for n in failed}  # fmt: skip
-    _print_hits(queries, [str(images[n]) for n in good], hits, total, search["metric"], as_json,
-                errors)  # fmt: skip
+    labels = [shown(str(images[n])) for n in good]
+    _print_hits(queries, labels, hits, total, search["metric"], as_json, errors)
     for n in sorted(failed):
-        click.echo(f"Error: {failed[n]}", err=True)
+        click.echo(f"Error: {shown(str(failed[n]))}", err=True)
     if failed:
         sys.exit(1)
 
@@ -763,24 +918,29 @@ def similar(
     timer = StageTimer(verbose)
     with _open_index(index_path) as index:
         timer.done("open index")
-        found, keys, labels = [], [], []
-        for image in images:
+        found, keys, labels, errors = [], [], [], {}
+        for n, image in enumerate(images):
             try:
                 record = index.get(int(image)) if image.isdigit() else index.find(image)
             except KeyError:
                 record = None
             if record is None:
-                raise ImgIndexError(
-                    f"{image}: not in the index {index.path} (give an id or an indexed path)"
-                )
+                # Named as given; the others are answered (as query does for unreadable images).
+                errors[n] = f"not in the index {index.path} (give an id or an indexed path)"
+                continue
             found.append(index.similar(record.id, **search))
             # Named as the index names it, in JSON as in the results; by id: with its path too.
             keys.append(record.path)
-            shown = display_path(record.path)
-            labels.append(f"{image} ({shown})" if image.isdigit() else shown)
+            text = display_path(record.path)
+            labels.append(f"{image} ({text})" if image.isdigit() else text)
         timer.done("search")
         total = index.count()
-    _print_hits(keys, labels, found, total, search["metric"], as_json)
+    entries = {n: {"query": images[n], "error": reason} for n, reason in errors.items()}
+    _print_hits(keys, labels, found, total, search["metric"], as_json, entries)
+    for n in sorted(errors):
+        click.echo(f"Error: {shown(images[n])}: {shown(errors[n])}", err=True)
+    if errors:
+        sys.exit(1)
 
 
 def _print_hits(
@@ -856,6 +1016,7 @@ def duplicates(
         check_threshold(threshold, metric)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--threshold") from None
+    _warn_if_missing(under)
     with _open_index(index_path) as index:
         groups = index.duplicates(threshold, metric, under=under, neighbors=neighbors)
     if as_json:
@@ -870,7 +1031,7 @@ def duplicates(
     if as_csv:
         import csv
 
-        writer = csv.writer(sys.stdout)
+        writer = csv.writer(sys.stdout, lineterminator="\n")  # a line as other output is
         writer.writerow(["group", "id", "path"])
         for number, group in enumerate(groups, start=1):
             for image_id, path in zip(group.ids, group.paths, strict=True):
@@ -1222,7 +1383,7 @@ def train(
 
     def on_unreadable(path: str, reason: str) -> None:
         line.clear()
-        say(f"skipped {display_path(path)}: {reason}")
+        say(f"skipped {display_path(path)}: {shown(reason)}")
 
     def on_interrupt() -> None:
         line.clear()
@@ -1384,7 +1545,7 @@ def distance(
         click.echo(label.ljust(5) + "".join(f"{v:{width}.4f}" for v in row))
     click.echo()
     for label, path in zip(labels, images, strict=True):
-        click.echo(f"{label} {path}")
+        click.echo(f"{label} {shown(str(path))}")
 
 
 @cli.command()
@@ -1404,7 +1565,7 @@ def info(index_path: Path | None, skipped: bool, as_json: bool) -> None:
         return
     if skipped:
         for path, reason in skipped_files:
-            click.echo(f"{display_path(path)}: {reason}")
+            click.echo(f"{display_path(path)}: {shown(reason)}")
         if not skipped_files:
             click.echo("No skipped files.")
         return
@@ -1412,7 +1573,7 @@ def info(index_path: Path | None, skipped: bool, as_json: bool) -> None:
     files = ", ".join(f"{name} {_size(n)}" for name, n in details["files"].items())
     weights_note = " (imgsim 0.1.2 model.pth)" if _is_default(details["weights_sha256"]) else ""
     rows = [
-        ("Index", details["path"]),
+        ("Index", shown(details["path"])),
         ("Images", f"{details['images']} ({_count(details['skipped'], 'file')} skipped)"),
         ("Model", f"{details['model']} ({details['dim']}-number vectors)"),
         ("Weights", f"sha256 {details['weights_sha256']}{weights_note}"),

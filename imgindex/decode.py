@@ -51,7 +51,7 @@ def read_image_file(
 ) -> ImageFile:
     """Read, hash and decode one file. Raises ImageError naming the file and the reason."""
     path = Path(path)
-    data, st = read_file(path)
+    data, st = read_file(path, max_pixels)
     pixels = decode_image_bytes(data, os.fsdecode(path), max_pixels, draft_to)
     return ImageFile(
         path=path,
@@ -64,10 +64,30 @@ def read_image_file(
     )
 
 
-def read_file(path: Path) -> tuple[bytes, os.stat_result]:
-    """The bytes of a file and its status, read through one open file handle (so the time and
-    size describe the bytes even if the file is being replaced). Raises ImageError."""
+# What reading a file may cost before it is known to be an image within the pixel limit. The
+# header is parsed from the file itself, reading at most HEADER_BYTES (JPEG markers, PNG chunks
+# before the pixels, a TIFF directory); then the whole file is read only if it is no larger than
+# an image within the limit can plausibly be: 8 bytes a pixel (uncompressed 16-bit RGBA) and
+# 64 MB of metadata, thumbnails or further frames. A 4 GB file named .jpg that is not an image
+# is refused after a few bytes, one that is a video after its header.
+HEADER_BYTES = 32 << 20
+BYTES_PER_PIXEL = 8
+SLACK_BYTES = 64 << 20
+
+
+def plausible_file_size(max_pixels: int) -> int:
+    """The largest file accepted as an image of at most ``max_pixels`` pixels."""
+    return max_pixels * BYTES_PER_PIXEL + SLACK_BYTES
+
+
+def read_file(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[bytes, os.stat_result]:
+    """The bytes of an image file and its status, read through one open file handle (so the
+    time and size describe the bytes even if the file is being replaced). Its header is checked
+    first (an image Pillow can read, within ``max_pixels``) and its size then capped
+    (:func:`plausible_file_size`), so a huge file that is not a plausible image is refused
+    without being read whole. Raises ImageError (with ``stat`` once the file was opened)."""
     name = os.fsdecode(path)
+    st = None
     try:
         # Opening a named pipe would wait for a writer, and /dev/zero never ends: look first
         # (a link is followed, as for opening).
@@ -76,7 +96,17 @@ def read_file(path: Path) -> tuple[bytes, os.stat_result]:
             raise ImageError(name, "not a regular file (a pipe, socket or device)")
         with open(path, "rb") as fh:
             st = os.fstat(fh.fileno())
-            data = fh.read()
+            if st.st_size == 0:
+                raise ImageError(name, "empty file (0 bytes)")
+            check_pixel_count(_read_header(fh, name), name, max_pixels)
+            limit = plausible_file_size(max_pixels)
+            if st.st_size > limit:
+                raise _too_large(name, st.st_size, max_pixels)
+            fh.seek(0)
+            data = fh.read(limit + 1)
+    except ImageError as exc:
+        exc.stat = st
+        raise
     except IsADirectoryError:
         raise ImageError(name, "is a folder, not a file") from None
     except FileNotFoundError:
@@ -84,10 +114,86 @@ def read_file(path: Path) -> tuple[bytes, os.stat_result]:
     except PermissionError:
         raise ImageError(name, "permission denied") from None
     except OSError as exc:
-        raise ImageError(name, f"cannot read file ({exc.strerror or exc})") from None
+        error = ImageError(name, f"cannot read file ({exc.strerror or exc})")
+        error.stat = st
+        raise error from None
+    if len(data) > limit:  # it grew while being read
+        error = _too_large(name, len(data), max_pixels)
+        error.stat = st
+        raise error
     if not data:
-        raise ImageError(name, "empty file (0 bytes)")
+        error = ImageError(name, "empty file (0 bytes)")
+        error.stat = st
+        raise error
     return data, st
+
+
+def _too_large(name: str, size: int, max_pixels: int) -> ImageError:
+    return ImageError(
+        name,
+        f"file of {size / 1e9:.1f} GB: larger than an image of at most {max_pixels / 1e6:.1f} "
+        "MP can plausibly be, refused from its header (a video or an archive named as an "
+        "image?); raise --max-pixels to read it",
+    )
+
+
+class _Budget(io.RawIOBase):
+    """A read-only view of an open file that refuses to read more than ``budget`` bytes in
+    all, so that parsing a hostile header cannot read (and keep) a whole huge file."""
+
+    def __init__(self, fh: Any, budget: int):
+        self._fh = fh
+        self._left = budget
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._fh.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._fh.tell()
+
+    def readinto(self, buffer: Any) -> int:
+        if self._left <= 0:
+            raise _HeaderTooLarge
+        data = self._fh.read(min(len(buffer), self._left))
+        self._left -= len(data)
+        buffer[: len(data)] = data
+        return len(data)
+
+
+class _HeaderTooLarge(Exception):
+    pass
+
+
+def _read_header(fh: Any, name: str) -> tuple[int, int]:
+    """The pixel size an image file's header claims, parsed from the open file ``fh`` reading
+    at most HEADER_BYTES. Raises ImageError for what is not an image Pillow can read."""
+    try:
+        with Image.open(io.BufferedReader(_Budget(fh, HEADER_BYTES))) as im:
+            return im.size
+    except _HeaderTooLarge:
+        raise ImageError(
+            name, f"an image header of more than {HEADER_BYTES >> 20} MB: refused unread"
+        ) from None
+    except Exception as exc:
+        raise _header_error(name, exc) from None
+
+
+def _header_error(name: str, exc: Exception) -> ImageError:
+    """What Pillow failing to open an image's header means, as an ImageError."""
+    if isinstance(exc, UnidentifiedImageError):
+        return ImageError(name, "not an image, or a format imgindex cannot read")
+    if isinstance(exc, Image.DecompressionBombError):
+        return ImageError(
+            name, f"refused before decoding by Pillow's own limit (PIL.Image.MAX_IMAGE_PIXELS, "
+            f"which the imgindex command lifts; in Python, set it yourself): {exc}",
+        )  # fmt: skip
+    return ImageError(name, f"cannot read image header ({_describe(exc)})")
 
 
 def decode_image_bytes(
@@ -102,15 +208,9 @@ def decode_image_bytes(
         # Pillow warns above its own limit and refuses at twice that; the CLI silences the warning
         # because check_pixel_count below gives the user the real answer.
         im = Image.open(io.BytesIO(data))
-    except UnidentifiedImageError:
-        raise ImageError(name, "not an image, or a format imgindex cannot read") from None
-    except Image.DecompressionBombError as exc:
-        raise ImageError(
-            name, f"refused before decoding by Pillow's own limit (PIL.Image.MAX_IMAGE_PIXELS, "
-            f"which the imgindex command lifts; in Python, set it yourself): {exc}",
-        ) from None  # fmt: skip
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise ImageError(name, f"cannot read image header ({exc})") from None
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError,
+            SyntaxError) as exc:  # fmt: skip
+        raise _header_error(name, exc) from None
     check_pixel_count(im.size, name, max_pixels)
     if draft_to and im.format == "JPEG" and min(im.size) >= 2 * draft_to:
         width, height = im.size

@@ -5,6 +5,8 @@ Every message is one line that a user can act on: it names the file (or index) a
 
 from __future__ import annotations
 
+import os
+
 
 class ImgIndexError(Exception):
     """Base class for every error imgindex raises on purpose."""
@@ -14,12 +16,15 @@ class ImageError(ImgIndexError):
     """An image could not be read, decoded or accepted.
 
     ``path`` is the file (or a short description of an in-memory input); ``reason`` says why.
+    ``stat`` is the file's status when it was opened, if the error came after that (a build
+    remembers it, so as not to read the same unchanged file again).
     """
 
     def __init__(self, path: str, reason: str):
         super().__init__(f"{path}: {reason}")
         self.path = path
         self.reason = reason
+        self.stat: os.stat_result | None = None
 
 
 class WeightsError(ImgIndexError):
@@ -40,3 +45,7 @@ class IndexExistsError(IncompatibleIndexError):
 
 class IndexLockedError(ImgIndexError):
     """Another process is writing to the index."""
+
+
+class DamagedIndexError(ImgIndexError):
+    """Data of the index failed its checksum (damaged on disk); ``imgindex repair`` mends it."""

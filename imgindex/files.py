@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any, AnyStr
 
 # Formats Pillow decodes that people keep photos in. Matching is case-insensitive.
 IMAGE_SUFFIXES = frozenset(
@@ -23,10 +24,59 @@ def is_image_name(path: str | os.PathLike[str]) -> bool:
     return os.path.splitext(os.fspath(path))[1].lower() in IMAGE_SUFFIXES
 
 
-def is_under(path: str, root: str) -> bool:
-    """True when ``path`` is ``root`` or lies inside it (both absolute text paths)."""
-    root = root.rstrip(os.sep)
-    return path == root or path.startswith(root + os.sep)
+def is_under(path: AnyStr, root: AnyStr) -> bool:
+    """True when ``path`` is ``root`` or lies inside it (both absolute; both text or both the
+    names' bytes)."""
+    sep: Any = os.sep if isinstance(path, str) else os.fsencode(os.sep)
+    root = root.rstrip(sep)
+    return path == root or path.startswith(root + sep)
+
+
+def resolve(path: str | bytes | os.PathLike[Any]) -> Path:
+    """The path under which imgindex indexes and looks up ``path``: absolute, with symbolic
+    links and ``..`` resolved in its folders (a folder reached through a link is indexed under
+    its real path, however it was named). A file's own name is kept, link or not, as walking
+    keeps the names of links to files."""
+    absolute = os.path.abspath(os.fsdecode(path))
+    if os.path.isdir(absolute):
+        return Path(os.path.realpath(absolute))
+    folder, name = os.path.split(absolute)
+    return Path(os.path.realpath(folder)) / name
+
+
+def resolve_roots(roots: Iterable[str | os.PathLike[str]]) -> tuple[list[Path], list[str]]:
+    """The roots a build walks: each one resolved (:func:`resolve`), less those that lie in
+    another root (a folder given twice, through a link, or inside another one given), which are
+    walked as part of it. Also returns a note for each root left out. A file given by name is
+    left out only if walking its folder finds it (it has an image suffix)."""
+    given = list(roots)
+    resolved = [resolve(r) for r in given]
+    kept: list[Path] = []
+    notes = []
+    for n, (name, real) in enumerate(zip(given, resolved, strict=True)):
+        if os.path.lexists(real) and (real.is_dir() or is_image_name(real)):
+            cover = next(
+                (
+                    other
+                    for m, other in enumerate(resolved)
+                    if m != n
+                    and other.is_dir()
+                    and is_under(str(real), str(other))
+                    and (other != real or m < n)
+                ),
+                None,
+            )
+        else:
+            cover = None
+        if cover is None:
+            if real not in kept:
+                kept.append(real)
+            continue
+        if cover == real:
+            notes.append(f"{os.fsdecode(name)} is {cover}, given already: walked once")
+        else:
+            notes.append(f"{os.fsdecode(name)} lies in {cover}: walked as part of it")
+    return kept, notes
 
 
 OnError = Callable[[Path, str], None]
@@ -101,3 +151,16 @@ def _walk_dir(root: Path, on_error: OnError, walked: dict[tuple[int, int], Path]
     yield from walk(root)
     while links:
         yield from walk(links.pop(0))
+
+
+def is_gone(path: str | bytes | os.PathLike[Any]) -> bool:
+    """True only when ``path`` is known not to exist: it, or a folder above it, is missing.
+    Any other error (permission denied, an I/O error on a network mount that hiccups) says
+    nothing of the file, which is then not gone."""
+    try:
+        os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return True
+    except OSError:
+        return False
+    return False

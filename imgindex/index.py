@@ -32,10 +32,10 @@ from imgindex.duplicates import (
     neighbor_pairs,
 )
 from imgindex.errors import ImgIndexError, IncompatibleIndexError, IndexExistsError, WeightsError
-from imgindex.files import is_under
+from imgindex.files import is_under, resolve
 from imgindex.model import PRESETS, Vectorizer, _split_batch, resolve_weights
 from imgindex.search import Hit, check_metric, rank_exactly
-from imgindex.store import CheckReport, ImageRecord, Store, database_state, path_text
+from imgindex.store import CheckReport, ImageRecord, Store, database_state
 
 INDEX_ENV = "IMGINDEX_INDEX"
 
@@ -95,11 +95,13 @@ class Index:
         index_type: str | ann.IndexSpec | None = None,
         metric: str = "l2",
         wait: float = 0.0,
+        private: bool = False,
         **vectorizer_args: Any,
     ) -> Index:
         """Open the index at ``path`` (default: :func:`default_index_path`); with ``create=True``
-        a missing index is created (``index_type``, ``metric`` and ``wait`` as for
-        :meth:`create`; they do not change an existing index)."""
+        a missing index is created (``index_type``, ``metric``, ``wait`` and ``private`` as for
+        :meth:`create`; the first two do not change an existing index, ``private`` makes it
+        private)."""
         _check_vectorizer_args(vectorizer_args)
         _as_spec(index_type, metric)  # a misspelt kind or metric is an error, used or not
         path = _index_path(path)
@@ -107,11 +109,14 @@ class Index:
             try:
                 return cls.create(
                     path, vectorizer=vectorizer, index_type=index_type, metric=metric, wait=wait,
-                    **vectorizer_args,
+                    private=private, **vectorizer_args,
                 )  # fmt: skip
             except IndexExistsError:
                 pass  # another process created it meanwhile: open theirs
-        return cls(Store.open(path, writable=create), vectorizer, **vectorizer_args)
+        store = Store.open(path, writable=create or private)
+        if private:
+            store.make_private()
+        return cls(store, vectorizer, **vectorizer_args)
 
     @classmethod
     def create(
@@ -123,6 +128,7 @@ class Index:
         metric: str = "l2",
         wait: float = 0.0,
         on_wait: Callable[[str], None] | None = None,
+        private: bool = False,
         **vectorizer_args: Any,
     ) -> Index:
         """Create a new, empty index at ``path``; it records the vectorizer's weights and
@@ -130,7 +136,10 @@ class Index:
         to keep (``index_type``: auto (default), flat, hnsw, ivf-flat, ivf-pq or
         factory:STRING; ``metric`` is the one an approximate index is built for). Raises
         :class:`~imgindex.errors.IndexExistsError` if there is one already; ``wait`` is how
-        long to wait for another process writing there (creating it, say)."""
+        long to wait for another process writing there (creating it, say). With ``private``
+        (or when the nearest existing folder above is private) the index folder is made 0700:
+        it holds the full paths of the images, which the umask would otherwise let others
+        read."""
         _check_vectorizer_args(vectorizer_args)
         path = _index_path(path)
         spec = _as_spec(index_type, metric)
@@ -138,7 +147,9 @@ class Index:
             raise IndexExistsError(f"{path}: an index already exists here")
         args = {k: v for k, v in vectorizer_args.items() if v is not None}
         vectorizer = vectorizer or Vectorizer(**args)
-        store = Store.create(path, vectorizer.fingerprint(), spec, wait=wait, on_wait=on_wait)
+        store = Store.create(
+            path, vectorizer.fingerprint(), spec, wait=wait, on_wait=on_wait, private=private
+        )
         return cls(store, vectorizer, **vectorizer_args)
 
     @_serialized
@@ -254,6 +265,8 @@ class Index:
         wait: float = 0.0,
         on_wait: Callable[[str], None] | None = None,
         decode: str = "cpu",
+        retry_skipped: bool = False,
+        dry_run: bool = False,
     ) -> ingest.BuildReport:
         """Bring the index up to date with the images under ``folders`` (what ``imgindex
         build`` does): new and changed files are embedded, moved and copied files reuse their
@@ -263,18 +276,29 @@ class Index:
 
         ``wait`` is how many seconds to wait for another process writing to the index.
         ``decode="device"`` decodes JPEGs in batches on the network's device (nvJPEG on a GPU;
-        vectors move by a cosine of about 5e-5), others on the CPU.
+        vectors move by a cosine of about 5e-5), others on the CPU. A file an earlier build
+        skipped is read again only once its size or times change, or with ``retry_skipped``.
+        Folders are indexed under their real paths (symbolic links resolved). ``dry_run``
+        changes nothing and reads no image: the report lists what would be read and removed.
         """
         if isinstance(folders, (str, os.PathLike)):
             folders = [folders]
         self._check_without_the_model()
+        if dry_run:
+            self._store.refresh()
+            return ingest.build(
+                self._store, lambda: self.vectorizer, folders, remove_missing=remove_missing,
+                retry_skipped=retry_skipped, dry_run=True,
+            )  # fmt: skip
         store = self._writable_store()
         store.lock(wait, on_wait)
         try:
             # The model is loaded only if some file needs reading (not for an unchanged folder).
+            if max_pixels is None:
+                max_pixels = self._vectorizer_args.get("max_pixels")
             return ingest.build(
                 store, lambda: self.vectorizer, folders, progress, workers, max_pixels,
-                remove_missing, decode,
+                remove_missing, decode, retry_skipped,
             )  # fmt: skip
         finally:
             store.unlock()
@@ -288,6 +312,7 @@ class Index:
         max_pixels: int | None = None,
         wait: float = 0.0,
         on_wait: Callable[[str], None] | None = None,
+        retry_skipped: bool = False,
     ) -> ingest.BuildReport:
         """Add (or update) the images in ``paths``, files or folders, removing nothing."""
         return self.sync(
@@ -298,32 +323,36 @@ class Index:
             remove_missing=False,
             wait=wait,
             on_wait=on_wait,
+            retry_skipped=retry_skipped,
         )
 
     @_serialized
     def remove(
-        self, paths: Any, *, wait: float = 0.0, on_wait: Callable[[str], None] | None = None
+        self,
+        paths: Any,
+        *,
+        wait: float = 0.0,
+        on_wait: Callable[[str], None] | None = None,
+        dry_run: bool = False,
     ) -> int:
         """Remove the entries of ``paths`` (files, or folders: every entry under them) from the
-        index; the files themselves are not touched. Returns how many entries went."""
+        index; the files themselves are not touched. Returns how many entries went (with
+        ``dry_run``, would go: nothing is changed)."""
         if isinstance(paths, (str, os.PathLike)):
             paths = [paths]
-        texts = [path_text(os.path.abspath(p)) for p in paths]
-        store = self._writable_store()
+        # Entries are under the resolved names, or (made by an older imgindex) as given.
+        names = {os.fsencode(resolve(p)) for p in paths}
+        names |= {os.fsencode(os.path.abspath(p)) for p in paths}
+        store = self._store if dry_run else self._writable_store()
+        if dry_run:
+            store.refresh()
+            return sum(1 for _i, _t, raw, *_ in store.file_rows() if _under_any(raw, names))
         store.lock(wait, on_wait)
         try:
-            ids = [
-                image_id
-                for image_id, text, *_ in store.file_rows()
-                if any(is_under(text, t) for t in texts)
-            ]
+            ids = [i for i, _text, raw, *_ in store.file_rows() if _under_any(raw, names)]
             removed = store.remove(ids)
             store.forget_skipped(
-                [
-                    text
-                    for text, _raw, _reason in store.skipped_files()
-                    if any(is_under(text, t) for t in texts)
-                ]
+                [raw for _t, raw, _r in store.skipped_files() if _under_any(raw, names)]
             )
             store.save_vector_index()
             return removed
@@ -381,8 +410,14 @@ class Index:
 
     @_serialized
     def get(self, image_id: int) -> ImageRecord:
-        """The stored record of image ``image_id``; KeyError if there is none."""
-        record = self._store.get(image_id)
+        """The stored record of image ``image_id``; KeyError if there is none (for a path,
+        use :meth:`find`)."""
+        if isinstance(image_id, bool) or not isinstance(image_id, numbers.Integral):
+            raise TypeError(
+                f"Index.get takes an image id (a whole number), not {image_id!r}; to look an "
+                "image up by its path, use Index.find(path)"
+            )
+        record = self._store.get(int(image_id))
         if record is None:
             raise KeyError(f"no image with id {image_id} in {self.path}")
         return record
@@ -390,8 +425,8 @@ class Index:
     @_serialized
     def find(self, path: str | os.PathLike[str]) -> ImageRecord | None:
         """The record of an indexed file, by its path (relative paths are taken from the current
-        folder), or None."""
-        return self._store.get_by_path(os.path.abspath(path))
+        folder, and links in its folders followed, as builds index them), or None."""
+        return self._store.find(path)
 
     @_serialized
     def records(self) -> list[ImageRecord]:
@@ -583,6 +618,10 @@ def _check_vectorizer_args(args: dict[str, Any]) -> None:
             f"unexpected argument(s) {', '.join(unknown)}; the vectorizer takes "
             f"{', '.join(VECTORIZER_ARGS)}"
         )
+
+
+def _under_any(raw: bytes, names: set[bytes]) -> bool:
+    return any(is_under(raw, name) for name in names)
 
 
 def _check_k(k: Any) -> int:

@@ -32,16 +32,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+import numpy as np
+
 from imgindex.decode import (
+    DEFAULT_MAX_PIXELS,
     decode_image_bytes,
     device_decodable_jpeg,
     orient,
     pillow_block_cache,
     read_file,
 )
-from imgindex.errors import ImageError, ImgIndexError
-from imgindex.files import is_under, walk_images
-from imgindex.store import NewImage, Store, path_text
+from imgindex.errors import DamagedIndexError, ImageError, ImgIndexError
+from imgindex.files import is_gone, is_under, resolve, resolve_roots, walk_images
+from imgindex.store import FileState, NewImage, SkippedFile, Store, path_text
 
 if TYPE_CHECKING:
     import torch
@@ -69,6 +72,8 @@ class Progress:
     done: int = 0  # of those, finished (embedded, reused or skipped)
     embedded: int = 0
     started: float = field(default_factory=time.perf_counter)
+    loading_model: bool = False  # the network is being loaded (nothing is embedded meanwhile)
+    model_seconds: float = 0.0  # time spent loading it
 
     @property
     def elapsed(self) -> float:
@@ -76,7 +81,9 @@ class Progress:
 
     @property
     def images_per_second(self) -> float:
-        return self.embedded / self.elapsed if self.elapsed > 0 else 0.0
+        """Embedding rate, not counting the time the model took to load."""
+        seconds = self.elapsed - self.model_seconds
+        return self.embedded / seconds if seconds > 0 and not self.loading_model else 0.0
 
 
 @dataclass
@@ -96,6 +103,14 @@ class BuildReport:
     # Where the building thread spent its time: see STAGES.
     stage_seconds: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)  # nothing failed, but look
+    notes: list[str] = field(default_factory=list)  # for information (a root given twice)
+    # Of the skipped files, those skipped by an earlier build and unchanged since: not read.
+    skipped_unchanged: int = 0
+    # A dry run changes nothing; it lists the files a build would read and the entries whose
+    # files are gone (a build removes them, but for moved files, which keep theirs).
+    dry_run: bool = False
+    to_read: list[str] = field(default_factory=list)
+    to_remove: list[str] = field(default_factory=list)
 
     @property
     def images_per_second(self) -> float:
@@ -119,6 +134,13 @@ class BuildReport:
             "total": self.total,
             "stage_seconds": {k: round(v, 3) for k, v in self.stage_seconds.items()},
             "warnings": self.warnings,
+            "notes": self.notes,
+            "skipped_unchanged": self.skipped_unchanged,
+            **(
+                {"dry_run": True, "to_read": self.to_read, "to_remove": self.to_remove}
+                if self.dry_run
+                else {}
+            ),
         }
 
 
@@ -140,7 +162,7 @@ JPEG_BATCH_PIXELS = 200_000_000
 
 class _Row(NamedTuple):
     id: int
-    raw: bytes
+    text: str
     size: int
     mtime: float
     sha: str
@@ -177,15 +199,20 @@ def build(
     max_pixels: int | None = None,
     remove_missing: bool = True,
     decode: str = "cpu",
+    retry_skipped: bool = False,
+    dry_run: bool = False,
 ) -> BuildReport:
     """Bring the index up to date with the images under ``roots``. See the module docstring.
     ``decode="device"`` leaves JPEGs to the network's device (nvJPEG on a GPU), in batches.
+    A file skipped by an earlier build is read again only if its size or times changed, or
+    with ``retry_skipped``. With ``dry_run``, nothing is read or written: the report lists
+    what a build would read and which entries' files are gone.
     ``vectorizer`` may be a function that makes one: it is then called only if some file needs
     reading, so a build that finds nothing changed does not load the model."""
     if decode not in ("cpu", "device"):
         raise ValueError(f"decode must be 'cpu' or 'device', not {decode!r}")
     return _Build(store, vectorizer, progress, max_pixels, decode == "device").run(
-        roots, workers, remove_missing
+        roots, workers, remove_missing, retry_skipped, dry_run
     )
 
 
@@ -206,11 +233,17 @@ class _Build:
         self._max_pixels = max_pixels
         self.report = BuildReport()
         self.state = Progress(total=0)
-        self.skips_to_record: list[tuple[Path, str]] = []
+        self.skips_to_record: list[SkippedFile] = []
         self.remove_missing = True
-        self.known: dict[str, _Row] = {}
+        # The index's entries by the file name's bytes (what entries are keyed on), the name
+        # of each id, the ids of each content hash.
+        self.known: dict[bytes, _Row] = {}
+        self.raw_of: dict[int, bytes] = {}
         self.by_sha: dict[str, set[int]] = {}
-        self.gone: dict[int, str] = {}  # id -> path of entries whose file no longer exists
+        self.gone: dict[int, bytes] = {}  # id -> name of entries whose file no longer exists
+        # Files skipped by earlier builds: name -> (their state then, the pixel limit, why).
+        self.skipped_before: dict[bytes, tuple[FileState | None, int | None, str]] = {}
+        self.unlisted: list[Path] = []  # folders walking reported (not listed, or not followed)
         # Content waiting in a batch -> later files with the same content, to copy its vector.
         self.twins_waiting: dict[str, list[_Read]] = {}
         # The batch being embedded (on a GPU, maybe still computing), stored after the next.
@@ -221,8 +254,15 @@ class _Build:
         source = self._vectorizer_source
         if not callable(source):
             return source
-        with self._timed("loading the model"):
-            return source()
+        self.state.loading_model = True
+        self._notify()
+        loading = time.perf_counter()
+        try:
+            with self._timed("loading the model"):
+                return source()
+        finally:
+            self.state.loading_model = False
+            self.state.model_seconds += time.perf_counter() - loading
 
     @functools.cached_property
     def max_pixels(self) -> int:
@@ -231,22 +271,41 @@ class _Build:
     # -- the plan ---------------------------------------------------------------------------
 
     def run(
-        self, roots: Iterable[str | os.PathLike[str]], workers: int | None, remove_missing: bool
+        self,
+        roots: Iterable[str | os.PathLike[str]],
+        workers: int | None,
+        remove_missing: bool,
+        retry_skipped: bool = False,
+        dry_run: bool = False,
     ) -> BuildReport:
         started = time.perf_counter()
         self.remove_missing = remove_missing
-        roots = [Path(os.path.abspath(r)) for r in roots]
-        for row in self.store.file_rows():
-            image_id, text, raw, size, mtime, sha = row
-            self.known[text] = _Row(image_id, raw, size, mtime, sha)
+        given = [Path(os.path.abspath(r)) for r in roots]
+        roots, self.report.notes = resolve_roots(given)
+        for image_id, text, raw, size, mtime, sha in self.store.file_rows():
+            self.known[raw] = _Row(image_id, text, size, mtime, sha)
+            self.raw_of[image_id] = raw
             self.by_sha.setdefault(sha, set()).add(image_id)
+        if not retry_skipped:
+            self.skipped_before = self.store.skipped_states()
         try:
-            walked = list(walk_images(roots, on_error=self.skip))
+            walked = list(walk_images(roots, on_error=self._walking_error))
         except FileNotFoundError as exc:
             raise ImgIndexError(str(exc)) from None
-        walked_texts = {path_text(p) for p in walked}
-        todo = [p for p in walked if not self._unchanged(p)]
-        self._find_gone(roots, walked_texts)
+        walked_raw = {os.fsencode(p) for p in walked}
+        todo = [p for p in walked if not self._unchanged(p) and not self._still_skipped(p)]
+        # Entries may also lie under a root as given (through a link, indexed so by an older
+        # imgindex): those are looked at too, and moved to the resolved names.
+        looked_at = roots + [r for r in given if r not in roots]
+        self._find_gone(looked_at, walked_raw)
+        if dry_run:
+            self.report.dry_run = True
+            self.report.to_read = [path_text(p) for p in todo]
+            if remove_missing:
+                self.report.to_remove = sorted(self.known[raw].text for raw in self.gone.values())
+            self.report.seconds = time.perf_counter() - started
+            self.report.total = self.store.count()
+            return self.report
         self.state = Progress(total=len(todo))
         self._notify()
         try:
@@ -257,7 +316,7 @@ class _Build:
                 self.skips_to_record.clear()
             if remove_missing and self.gone:
                 self.report.removed = self.store.remove(self.gone)
-            self._forget_vanished_skips(roots, walked_texts)
+            self._forget_vanished_skips(looked_at, walked_raw)
         except BaseException:
             # Whatever was committed is saved to the FAISS file too, even after Ctrl-C. Should
             # that fail as well (a full disk), the next open reconciles the old file with
@@ -272,7 +331,7 @@ class _Build:
         return self.report
 
     def _unchanged(self, path: Path) -> bool:
-        row = self.known.get(path_text(path))
+        row = self.known.get(os.fsencode(path))
         if row is None:
             return False
         try:
@@ -284,18 +343,54 @@ class _Build:
         self.report.unchanged += 1
         return True
 
-    def _find_gone(self, roots: list[Path], walked: set[str]) -> None:
-        """Entries under ``roots`` whose files no longer exist. A file that exists but was not
-        walked (in a folder that could not be listed, say) is not gone. Nor are the entries
-        under a root folder that is empty: more likely a drive not mounted than a collection
-        deleted, and re-embedding it all would take long."""
-        for text, row in self.known.items():
-            if text not in walked and _under(text, roots) and not os.path.lexists(row.raw):
-                self.gone[row.id] = text
+    def _still_skipped(self, path: Path) -> bool:
+        """Whether ``path`` was skipped before and has not changed since (same size and
+        times), under a pixel limit no lower than this build's: it would fail the same way, so
+        it is reported again without being read."""
+        state, limit, reason = self.skipped_before.get(os.fsencode(path), (None, None, ""))
+        if state is None or limit is None or limit < self._read_limit:
+            return False
+        try:
+            if FileState.of(os.stat(path)) != state:
+                return False
+        except OSError:
+            return False
+        self.report.skipped.append(Skipped(path_text(path), reason))
+        self.report.skipped_unchanged += 1
+        return True
+
+    def _walking_error(self, folder: Path, reason: str) -> None:
+        """A folder walking could not list (or did not follow): skipped, and the entries under
+        it are kept, since what it holds is not known."""
+        self.unlisted.append(folder)
+        self.skip(folder, reason)
+
+    def _find_gone(self, roots: list[Path], walked: set[bytes]) -> None:
+        """Entries under ``roots`` whose files no longer exist. Only a file known not to exist
+        (:func:`~imgindex.files.is_gone`) is gone: one that exists but was not walked, or whose
+        state cannot be read (permission denied, a network mount that hiccups), or under a
+        folder that could not be listed, keeps its entry. An entry under another name of a
+        walked file (a root given through a link) counts as gone, to move to the walked name.
+        Nor are the entries under a root folder that is empty gone: more likely a drive not
+        mounted than a collection deleted, and re-embedding it all would take long."""
+        unlisted = [path_text(f) for f in self.unlisted]
+        kept_unlisted = 0
+        for raw, row in self.known.items():
+            if raw in walked or not _under(row.text, roots):
+                continue
+            if any(is_under(row.text, folder) for folder in unlisted):
+                kept_unlisted += 1
+            elif is_gone(raw) or os.fsencode(resolve(os.fsdecode(raw))) in walked:
+                self.gone[row.id] = raw
+        if kept_unlisted:
+            self.report.warnings.append(
+                f"{kept_unlisted} indexed images are in folders that could not be listed (see "
+                "the skipped folders); their entries are kept"
+            )
         for root in roots:
             if not _is_empty_folder(root):
                 continue
-            kept = [i for i, text in self.gone.items() if _under(text, [root])]
+            kept = [i for i, raw in self.gone.items() if _under(self.known[raw].text, [root])]
             for image_id in kept:
                 del self.gone[image_id]
             if kept:
@@ -305,11 +400,11 @@ class _Build:
                     f"{path_text(root)}"
                 )
 
-    def _forget_vanished_skips(self, roots: list[Path], walked: set[str]) -> None:
+    def _forget_vanished_skips(self, roots: list[Path], walked: set[bytes]) -> None:
         vanished = [
-            text
+            raw
             for text, raw, _reason in self.store.skipped_files()
-            if text not in walked and _under(text, roots) and not os.path.lexists(raw)
+            if raw not in walked and _under(text, roots) and is_gone(raw)
         ]
         if vanished:
             self.store.forget_skipped(vanished)
@@ -317,9 +412,12 @@ class _Build:
     # -- reading (worker threads) -----------------------------------------------------------
 
     def read(self, path: Path, known_shas: frozenset[str], force_decode: bool = False) -> _Read:
+        """Read, hash and (unless its content is stored) decode one file. Raises ImageError
+        with the reason, and the file's status if it was opened (``stat``)."""
         name = os.fsdecode(path)
+        st = None
         try:
-            data, st = read_file(path)
+            data, st = read_file(path, self._read_limit)
             sha = hashlib.sha256(data).hexdigest()
             if sha in known_shas and not force_decode:
                 image = NewImage(path, sha, len(data), st.st_mtime, 0, 0)
@@ -336,10 +434,21 @@ class _Build:
             )
             image = NewImage(path, sha, len(data), st.st_mtime, pixels.shape[1], pixels.shape[0])
             return _Read(image, self.vectorizer.preprocessing.resize(pixels, name))
-        except ImageError:
+        except ImageError as exc:
+            exc.stat = exc.stat or st
             raise
         except Exception as exc:  # a surprise from a decoder must not stop the build
-            raise ImageError(name, f"unexpected error ({type(exc).__name__}: {exc})") from exc
+            error = ImageError(name, f"unexpected error ({type(exc).__name__}: {exc})")
+            error.stat = st
+            raise error from exc
+
+    @property
+    def _read_limit(self) -> int:
+        """The pixel limit a file is read under: hashing a moved file needs no model, so its
+        limit is known without loading one unless only the model knows it."""
+        if self._max_pixels is not None:
+            return self._max_pixels
+        return self.max_pixels if self._model_loaded() else DEFAULT_MAX_PIXELS
 
     # -- the main loop ----------------------------------------------------------------------
 
@@ -398,7 +507,7 @@ class _Build:
         pending = 0
         for path, outcome in self._timed_reads(results):
             if isinstance(outcome, ImageError):
-                self.skip(path, outcome.reason)
+                self.skip(path, outcome.reason, outcome.stat)
                 self.state.done += 1
             elif self._reuse(outcome):
                 self.state.done += 1
@@ -462,9 +571,7 @@ class _Build:
                 failed += 1
                 self.skip(read.image.path, exc.reason)
                 self.state.done += 1
-                for twin in self.twins_waiting.pop(read.image.sha256, []):
-                    self.skip(twin.image.path, exc.reason)
-                    self.state.done += 1
+                self._skip_twins(read.image.sha256, exc.reason)
                 continue
             read.jpeg = None
             buckets[self.vectorizer.group_key(read.tensor)].append(read)
@@ -489,7 +596,7 @@ class _Build:
         try:
             again = self.read(path, frozenset(), force_decode=True)
         except ImageError as exc:
-            self.skip(path, exc.reason)
+            self.skip(path, exc.reason, exc.stat)
             return
         buckets[self.vectorizer.group_key(again.tensor)].append(again)
         self.twins_waiting[again.image.sha256] = []
@@ -508,14 +615,14 @@ class _Build:
         return None
 
     def _reuse(self, read: _Read) -> bool:
-        """Index ``read`` without embedding it if its content is already stored. Returns
-        whether it did."""
+        """Index ``read`` without embedding it if its content is already stored (and sound).
+        Returns whether it did."""
         image = read.image
-        text = path_text(image.path)
-        here = self.known.get(text)
+        raw = os.fsencode(image.path)
+        here = self.known.get(raw)
         if here is not None and here.sha == image.sha256:
             self.store.touch(here.id, image)
-            self.known[text] = here._replace(size=image.size, mtime=image.mtime)
+            self.known[raw] = here._replace(size=image.size, mtime=image.mtime)
             self.report.unchanged += 1
             return True
         twins = self.by_sha.get(image.sha256)
@@ -532,17 +639,22 @@ class _Build:
         image = NewImage(
             image.path, image.sha256, image.size, image.mtime, source.width, source.height
         )
-        if here is not None:
-            self._forget(here)
         if moved is not None:
+            if here is not None:
+                self._forget(here)
             self.store.rename(moved, image)
             self.gone.pop(moved, None)
-            self.known.pop(source.path, None)
-            self._remember(text, moved, image)
+            self.known.pop(self.raw_of[moved], None)
+            self._remember(moved, image)
             self.report.renamed += 1
         else:
-            new_id = self.store.copy(source.id, image)
-            self._remember(text, new_id, image)
+            try:
+                new_id = self.store.copy(source.id, image)
+            except DamagedIndexError:
+                return False  # its stored vector is damaged: embed this file instead
+            if here is not None:
+                self._forget(here)
+            self._remember(new_id, image)
             self._count_new_or_updated(here)
         self.report.reused += 1
         self._after_commit()
@@ -557,26 +669,31 @@ class _Build:
         self.started = items, started
 
     def _store_started(self) -> None:
-        """Store the batch whose embedding was started last, if any."""
+        """Store the batch whose embedding was started last, if any. An image whose vector is
+        not finite (weights that give NaN for some input) is skipped, not stored."""
         if self.started is None:
             return
         items, pending = self.started
         self.started = None
         with self._timed("network"):
             vectors = pending.result()
+        finite = np.isfinite(vectors).all(axis=1)
+        for read in (r for r, ok in zip(items, finite, strict=True) if not ok):
+            self.skip(read.image.path, "the network gave NaN or infinite numbers for it")
+            self._skip_twins(read.image.sha256, "the network gave NaN or infinite numbers")
+        items = [r for r, ok in zip(items, finite, strict=True) if ok]
         images = [r.image for r in items]
         with self._timed("storing"):
-            new_ids = self.store.write_batch(images, vectors, self.skips_to_record)
+            new_ids = self.store.write_batch(images, vectors[finite], self.skips_to_record)
         self.skips_to_record.clear()
         for image, new_id in zip(images, new_ids, strict=True):
-            text = path_text(image.path)
-            here = self.known.get(text)
+            here = self.known.get(os.fsencode(image.path))
             if here is not None:
                 self._forget(here)
-            self._remember(text, new_id, image)
+            self._remember(new_id, image)
             self._count_new_or_updated(here)
         self.state.embedded += len(items)
-        self.state.done += len(items)
+        self.state.done += int(finite.size)
         with self._timed("storing"):
             self._after_commit()
         for image in images:
@@ -585,14 +702,21 @@ class _Build:
                     self.skip(twin.image.path, "internal error: its twin's vector was not found")
                 self.state.done += 1
 
-    def _file_is_gone(self, image_id: int) -> bool:
-        record = self.store.get(image_id)
-        row = self.known.get(record.path) if record is not None else None
-        return row is not None and not os.path.lexists(row.raw)
+    def _skip_twins(self, sha: str, reason: str) -> None:
+        """Skip the files waiting for the vector of content ``sha``, which will not come."""
+        for twin in self.twins_waiting.pop(sha, []):
+            self.skip(twin.image.path, reason)
+            self.state.done += 1
 
-    def _remember(self, text: str, image_id: int, image: NewImage) -> None:
+    def _file_is_gone(self, image_id: int) -> bool:
+        raw = self.raw_of.get(image_id)
+        return raw is not None and raw in self.known and is_gone(raw)
+
+    def _remember(self, image_id: int, image: NewImage) -> None:
         raw = os.fsencode(image.path)
-        self.known[text] = _Row(image_id, raw, image.size, image.mtime, image.sha256)
+        row = _Row(image_id, path_text(image.path), image.size, image.mtime, image.sha256)
+        self.known[raw] = row
+        self.raw_of[image_id] = raw
         self.by_sha.setdefault(image.sha256, set()).add(image_id)
 
     def _forget(self, row: _Row) -> None:
@@ -609,9 +733,12 @@ class _Build:
     def _after_commit(self) -> None:
         self.store.save_vector_index_every(SAVE_EVERY_SECONDS)
 
-    def skip(self, path: Path, reason: str) -> None:
+    def skip(self, path: Path, reason: str, stat: os.stat_result | None = None) -> None:
+        """Report ``path`` as skipped and record it, with its status when it was read (a
+        later build reads it again only once that changes)."""
         self.report.skipped.append(Skipped(path_text(path), reason))
-        self.skips_to_record.append((path, reason))
+        state = FileState.of(stat) if stat is not None else None
+        self.skips_to_record.append((path, reason, state, self._read_limit))
 
     def _notify(self) -> None:
         if self.progress is not None and self.state.total:

@@ -162,8 +162,13 @@ def read_checkpoint(path: Path) -> Checkpoint:
 
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
+    except pickle.UnpicklingError as exc:
         # (PyTorch's own message suggests loading it unsafely: not a suggestion to pass on.)
+        if "global" not in str(exc).lower():  # not a pickle of known things at all
+            raise WeightsError(
+                f"{path}: not a PyTorch checkpoint (its contents are not a saved state dict; "
+                "a damaged or unrelated file?)"
+            ) from None
         raise WeightsError(
             f"{path}: not a loadable PyTorch state dict: it holds objects other than tensors "
             "and settings, which could run code when loaded; refused"
@@ -248,7 +253,21 @@ def load_network(weights: Weights) -> torch.nn.Module:
         raise WeightsError(
             f"{weights.path}: not an AugNet {checkpoint.arch}-768 checkpoint ({detail[:300]})"
         ) from None
+    refuse_non_finite(network, weights.path)
     return network.eval()
+
+
+def refuse_non_finite(network: torch.nn.Module, path: Path) -> None:
+    """Refuse a network whose weights hold NaN or infinite numbers (a training run that
+    diverged): every vector it gave would be NaN, and NaN distances order nothing."""
+    import torch
+
+    for name, tensor in network.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise WeightsError(
+                f"{path}: the weights hold NaN or infinite numbers ({name}); a training run "
+                "that diverged? Refused: use an earlier checkpoint"
+            )
 
 
 class PaddedForward:

@@ -26,10 +26,13 @@ each, and save the FAISS file at the end of a build (and every few minutes durin
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import fcntl
 import json
 import os
+import re
+import secrets
+import sqlite3
+import stat
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -41,14 +44,23 @@ import numpy as np
 from imgindex import ann
 from imgindex.ann import IndexSpec
 from imgindex.errors import (
+    DamagedIndexError,
     ImgIndexError,
     IncompatibleIndexError,
     IndexExistsError,
     IndexLockedError,
     IndexNotFoundError,
 )
+from imgindex.files import is_gone, resolve
+from imgindex.schema import (
+    DB_NAME,
+    apply_migrations,
+    now,
+    pending_migrations,
+    vector_checksum,
+    write_transaction,
+)
 
-DB_NAME = "imgindex.db"
 # What to say of a database SQLite finds damaged; SQLite is the source of truth, so it is lost.
 DAMAGED = (
     "is damaged or not an SQLite database: restore the index folder from a backup, or build "
@@ -87,6 +99,25 @@ class NewImage:
     height: int
 
 
+@dataclass(frozen=True)
+class FileState:
+    """What a file's status said when it was read: a file whose state is the same later is
+    taken to be the same file (as a build does for indexed files, by size and mtime)."""
+
+    size: int
+    mtime: float
+    ctime: float  # changes with permissions too: a file made readable is read again
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> FileState:
+        return cls(st.st_size, st.st_mtime, st.st_ctime)
+
+
+# A file a build could not index: (path, reason), optionally followed by its FileState when it
+# was read and the pixel limit it was read under.
+SkippedFile = tuple[Any, ...]
+
+
 def path_text(path: str | os.PathLike[str]) -> str:
     """The text form of a path stored and shown by imgindex.
 
@@ -94,44 +125,6 @@ def path_text(path: str | os.PathLike[str]) -> str:
     text is always valid (the exact bytes are kept beside it in ``raw_path``).
     """
     return os.fsencode(path).decode("utf-8", "backslashreplace")
-
-
-def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-
-
-# Schema changes happen only here, as named migrations applied in order.
-MIGRATIONS: list[tuple[str, str]] = [
-    (
-        "m001_initial",
-        """
-        CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-        CREATE TABLE images (
-            id INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reused: it is also the FAISS id
-            path TEXT NOT NULL UNIQUE,
-            raw_path BLOB NOT NULL,
-            sha256 TEXT NOT NULL,
-            size INTEGER NOT NULL,
-            mtime REAL NOT NULL,
-            width INTEGER NOT NULL,
-            height INTEGER NOT NULL,
-            added_at TEXT NOT NULL
-        );
-        CREATE INDEX images_sha256 ON images (sha256);
-        -- Kept apart from images so that scanning metadata never reads 3 KB vectors.
-        CREATE TABLE vectors (
-            id INTEGER PRIMARY KEY REFERENCES images (id) ON DELETE CASCADE,
-            vector BLOB NOT NULL
-        );
-        CREATE TABLE skipped (
-            path TEXT PRIMARY KEY,
-            raw_path BLOB NOT NULL,
-            reason TEXT NOT NULL,
-            at TEXT NOT NULL
-        );
-        """,
-    ),
-]
 
 
 @dataclass
@@ -191,6 +184,7 @@ class Store:
         index_spec: IndexSpec | None = None,
         wait: float = 0.0,
         on_wait: Any = None,
+        private: bool = False,
     ) -> Store:
         """Create a new, empty index folder recording which vectors it will hold and which
         kind of vector index to keep (None: auto).
@@ -200,11 +194,15 @@ class Store:
         leaves either no index or a whole one, and two processes creating the same index at
         once cannot both succeed: the second gets :class:`IndexExistsError`. Files of an
         earlier index in the folder (a FAISS file whose database was deleted, an unfinished
-        database) are removed first: their ids would otherwise be taken for the new ones'."""
+        database) are removed first: their ids would otherwise be taken for the new ones'.
+
+        Folders made for the index are private (0700) with ``private``, or when the nearest
+        folder that exists already is; otherwise they follow the umask."""
         path = Path(path)
         if index_spec is not None:
             index_spec.check(int(fingerprint["dim"]))
-        path.mkdir(parents=True, exist_ok=True)
+        make_folder(path, private)
+        check_folder_for_writing(path)
         lock = _take_lock(path, wait, on_wait)
         try:
             state = database_state(path)
@@ -221,7 +219,7 @@ class Store:
                 leftover.unlink()
             settings = {
                 "format": "imgindex",
-                "created_at": _now(),
+                "created_at": now(),
                 "model": fingerprint["model"],
                 "weights_sha256": fingerprint["weights_sha256"],
                 "dim": str(fingerprint["dim"]),
@@ -234,10 +232,13 @@ class Store:
             # index exists. Already in WAL mode (the mode is recorded in the file), so opening it
             # never switches modes, which a kill could interrupt, leaving a journal that readers
             # cannot roll back; closed first, so no write-ahead log is left behind to rename.
-            building = path / f".{DB_NAME}.{os.getpid()}.new"
+            # The name is unpredictable and the file ours (created exclusively, not through a
+            # link), so nothing planted in the folder is written to.
+            building = path / f".{DB_NAME}.{secrets.token_hex(8)}.new"
+            os.close(os.open(building, os.O_WRONLY | os.O_CREAT | os.O_EXCL | NOFOLLOW, 0o644))
             db = _connect(building)
             try:
-                _migrate(db, path)
+                apply_migrations(db, pending_migrations(db, path))
                 with write_transaction(db):
                     db["meta"].insert_all([{"key": k, "value": v} for k, v in settings.items()])
                 db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -255,7 +256,10 @@ class Store:
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], writable: bool = False) -> Store:
-        """Open an existing index folder; raises IndexNotFoundError when there is none."""
+        """Open an existing index folder; raises IndexNotFoundError when there is none.
+
+        An index made by an older imgindex is upgraded in place (its migrations applied under
+        the write lock), also when it is opened for reading, if its folder can be written."""
         path = Path(path)
         state = database_state(path)
         if state in ("none", "unfinished"):
@@ -266,16 +270,20 @@ class Store:
             )
         if state == "foreign":
             raise IncompatibleIndexError(f"{path}: {DB_NAME} is not an imgindex database")
-        if writable and not os.access(path, os.W_OK):
-            raise ImgIndexError(
-                f"{path}: the index folder cannot be written (permissions, or a read-only "
-                "mount); commands that only read it still work"
-            )
-        import sqlite3
-
+        if writable:
+            check_folder_for_writing(path)
         db = _connect(path / DB_NAME, read_only=not writable)
         try:
-            _migrate(db, path, apply=writable)
+            pending = pending_migrations(db, path)
+            if pending and not writable:
+                db.close()
+                return cls._open_upgraded(path)
+            if pending:
+                lock = _take_lock(path, 0.0, None)
+                try:  # (another process may have upgraded it meanwhile)
+                    apply_migrations(db, pending_migrations(db, path))
+                finally:
+                    lock.close()
             return cls(path, db, writable=writable)
         except sqlite3.DatabaseError as exc:
             db.close()
@@ -292,6 +300,21 @@ class Store:
         except BaseException:
             db.close()
             raise
+
+    @classmethod
+    def _open_upgraded(cls, path: Path) -> Store:
+        """A reader's way into an index of an older imgindex: upgrade it, then read it."""
+        if not os.access(path, os.W_OK):
+            raise IncompatibleIndexError(
+                f"{path}: made by an older imgindex; it is upgraded in place by the first "
+                "imgindex command run by someone who may write its folder (imgindex check, say)"
+            )
+        cls.open(path, writable=True).close()
+        return cls.open(path)
+
+    def make_private(self) -> None:
+        """Let only the index folder's owner read it from now on (0700)."""
+        os.chmod(self.path, 0o700)
 
     def close(self) -> None:
         self.unlock()
@@ -382,10 +405,16 @@ class Store:
         return out
 
     def get_by_path(self, path: str | os.PathLike[str]) -> ImageRecord | None:
+        """The entry of the file ``path`` names exactly (see :meth:`find`)."""
         row = self.db.execute(
-            f"SELECT {_RECORD_COLUMNS} FROM images WHERE path = ?", [path_text(path)]
+            f"SELECT {_RECORD_COLUMNS} FROM images WHERE raw_path = ?", [os.fsencode(path)]
         ).fetchone()
         return ImageRecord(*row) if row else None
+
+    def find(self, path: str | os.PathLike[str]) -> ImageRecord | None:
+        """The entry of the file at ``path``: under its resolved name, as builds index it, or
+        its absolute name as given (an older imgindex did not resolve links)."""
+        return self.get_by_path(resolve(path)) or self.get_by_path(os.path.abspath(path))
 
     def records(self) -> Iterator[ImageRecord]:
         for row in self.db.execute(f"SELECT {_RECORD_COLUMNS} FROM images ORDER BY id"):
@@ -396,29 +425,42 @@ class Store:
         yield from self.db.execute("SELECT id, path, raw_path, size, mtime, sha256 FROM images")
 
     def vectors(self, ids: Sequence[int]) -> np.ndarray:
-        """Stored vectors for ``ids``, in that order; KeyError for an id that is not stored."""
-        out = np.empty((len(ids), self.dim), dtype=np.float32)
-        position = {int(i): n for n, i in enumerate(ids)}
-        found = 0
-        for chunk, marks in _id_chunks(ids):
-            for image_id, blob in self.db.execute(
-                f"SELECT id, vector FROM vectors WHERE id IN ({marks})", chunk
-            ):
-                out[position[image_id]] = np.frombuffer(blob, dtype="<f4")
-                found += 1
-        if found != len(position):
-            missing = set(position) - {int(i) for i in self._stored_ids(list(position))}
-            raise KeyError(f"no stored vector for image ids {sorted(missing)[:10]}")
-        return out
+        """Stored vectors for ``ids``, in that order; KeyError for an id without a stored
+        vector, DamagedIndexError for one that fails its checksum (see :meth:`check`)."""
+        found, out, damaged = self._read_vectors(ids)
+        if damaged:
+            raise DamagedIndexError(
+                f"{self.path}: the stored vectors of image ids {damaged[:10]} are damaged (their "
+                "checksums fail); `imgindex repair` restores or removes them"
+            )
+        if len(found) != len(set(int(i) for i in ids)):
+            missing = sorted({int(i) for i in ids} - set(found.tolist()))
+            raise KeyError(f"no stored vector for image ids {missing[:10]}")
+        position = {int(i): n for n, i in enumerate(found)}
+        return out[[position[int(i)] for i in ids]]
 
-    def _stored_ids(self, ids: list[int]) -> list[int]:
-        out = []
-        for chunk, marks in _id_chunks(ids):
-            out += [
-                r[0]
-                for r in self.db.execute(f"SELECT id FROM vectors WHERE id IN ({marks})", chunk)
-            ]
-        return out
+    def _read_vectors(self, ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray, list[int]]:
+        """(ids found with a sound vector, their vectors, ids whose vector is damaged). Sound:
+        the stored checksum matches, and it is 768 finite numbers."""
+        found: list[int] = []
+        blobs: list[bytes] = []
+        damaged: list[int] = []
+        for chunk, marks in _id_chunks(list(ids)):
+            for image_id, blob, crc in self.db.execute(
+                f"SELECT id, vector, crc32 FROM vectors WHERE id IN ({marks})", chunk
+            ):
+                if len(blob) == 4 * self.dim and crc == vector_checksum(blob):
+                    found.append(image_id)
+                    blobs.append(blob)
+                else:
+                    damaged.append(image_id)
+        out = np.frombuffer(b"".join(blobs), dtype="<f4").reshape(len(blobs), self.dim)
+        finite = np.isfinite(out).all(axis=1)
+        if not finite.all():
+            damaged += [i for i, ok in zip(found, finite, strict=True) if not ok]
+            found = [i for i, ok in zip(found, finite, strict=True) if ok]
+            out = out[finite]
+        return np.asarray(found, dtype=np.int64), out.astype(np.float32), sorted(damaged)
 
     def all_vectors(self) -> tuple[np.ndarray, np.ndarray]:
         """(ids, vectors) of every image, from SQLite, in one snapshot."""
@@ -432,23 +474,31 @@ class Store:
         return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
 
     def _present_vectors(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(ids, vectors) of those of ``ids`` that have a stored vector. An image row without
-        one is damage that `check` reports and `repair` removes; it is left out here."""
-        try:
-            return ids, self.vectors(ids.tolist())
-        except KeyError:
-            present = np.asarray(sorted(self._stored_ids(ids.tolist())), dtype=np.int64)
-            return present, self.vectors(present.tolist())
+        """(ids, vectors) of those of ``ids`` (sorted) that have a sound stored vector. An image
+        row without one is damage that `check` reports and `repair` mends; it is left out here,
+        so that nothing damaged reaches the FAISS index."""
+        found, out, _damaged = self._read_vectors(ids.tolist())
+        order = np.argsort(found, kind="stable")
+        return found[order], out[order]
 
     def ids_under(self, path: str | os.PathLike[str]) -> np.ndarray:
-        """Ids of the images at ``path`` or under it (a folder), sorted."""
-        text = path_text(os.path.abspath(path))
-        prefix = text.rstrip(os.sep) + os.sep
-        # Every path that starts with "prefix/" sorts between "prefix/" and "prefix0".
-        upper = prefix[:-1] + chr(ord(os.sep) + 1)
+        """Ids of the images at ``path`` or under it (a folder), sorted: under its resolved
+        name (as builds index it) or its name as given (as an older imgindex indexed it)."""
+        found = [self._ids_under(os.fsencode(resolve(path)))]
+        given = os.fsencode(os.path.abspath(path))
+        if given != os.fsencode(resolve(path)):
+            found.append(self._ids_under(given))
+        return np.unique(np.concatenate(found))
+
+    def _ids_under(self, raw: bytes) -> np.ndarray:
+        prefix = raw.rstrip(b"/") + b"/"
+        # Every name that starts with "prefix/" sorts between "prefix/" and "prefix0" (bytes
+        # compare as bytes: memcmp).
+        upper = prefix[:-1] + b"0"
         rows = self.db.execute(
-            "SELECT id FROM images WHERE path = ? OR (path >= ? AND path < ?) ORDER BY id",
-            [text, prefix, upper],
+            "SELECT id FROM images WHERE raw_path = ? OR (raw_path >= ? AND raw_path < ?) "
+            "ORDER BY id",
+            [raw, prefix, upper],
         ).fetchall()
         return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
 
@@ -467,8 +517,20 @@ class Store:
         """(path, raw path bytes, reason) of every file the builds could not index."""
         return [
             tuple(r)
-            for r in self.db.execute("SELECT path, raw_path, reason FROM skipped ORDER BY path")
+            for r in self.db.execute("SELECT path, raw_path, reason FROM skipped ORDER BY raw_path")
         ]
+
+    def skipped_states(self) -> dict[bytes, tuple[FileState | None, int | None, str]]:
+        """Raw path -> (the file's state when it was skipped, if known; the pixel limit it was
+        read under, if known; the reason)."""
+        out: dict[bytes, tuple[FileState | None, int | None, str]] = {}
+        for raw, reason, size, mtime, ctime, max_pixels in self.db.execute(
+            "SELECT raw_path, reason, size, mtime, ctime, max_pixels FROM skipped"
+        ):
+            known = size is not None and mtime is not None and ctime is not None
+            state = FileState(size, mtime, ctime) if known else None
+            out[bytes(raw)] = (state, max_pixels, reason)
+        return out
 
     def disk_usage(self) -> dict[str, int]:
         return disk_usage(self.path)
@@ -479,46 +541,51 @@ class Store:
         self,
         images: Sequence[NewImage],
         vectors: np.ndarray | None,
-        skipped: Sequence[tuple[Path, str]] = (),
+        skipped: Sequence[SkippedFile] = (),
     ) -> list[int]:
         """Insert or replace ``images`` with their ``vectors`` and record ``skipped`` files, in one
         transaction. Returns the new ids, in order. An image whose path is already indexed is
-        replaced under a new id, so the vector under an id never changes."""
+        replaced under a new id, so the vector under an id never changes. Vectors must be
+        finite (ValueError otherwise: nothing is written)."""
         self._require_writable()
         if vectors is None:
             vectors = np.empty((0, self.dim), dtype="<f4")
         vectors = np.ascontiguousarray(vectors, dtype="<f4")
         if vectors.shape != (len(images), self.dim):
             raise ValueError(f"expected {len(images)} x {self.dim} vectors, got {vectors.shape}")
-        now = _now()
+        if not np.isfinite(vectors).all():
+            bad = [str(images[n].path) for n in np.flatnonzero(~np.isfinite(vectors).all(1))]
+            raise ValueError(f"vectors with NaN or infinite numbers, for {', '.join(bad[:3])}")
+        when = now()
         new_ids: list[int] = []
         replaced: list[int] = []
         with self._writing():
             for image, vector in zip(images, vectors, strict=True):
-                text = path_text(image.path)
-                replaced += self._delete_path(text)
+                raw = os.fsencode(image.path)
+                replaced += self._delete_path(raw)
                 cursor = self.db.execute(
                     "INSERT INTO images (path, raw_path, sha256, size, mtime, width, height, "
                     "added_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     [
-                        text,
-                        os.fsencode(image.path),
+                        path_text(image.path),
+                        raw,
                         image.sha256,
                         image.size,
                         image.mtime,
                         image.width,
                         image.height,
-                        now,
+                        when,
                     ],
                 )
                 new_ids.append(cursor.lastrowid)
+                blob = vector.tobytes()
                 self.db.execute(
-                    "INSERT INTO vectors (id, vector) VALUES (?, ?)",
-                    [cursor.lastrowid, vector.tobytes()],
+                    "INSERT INTO vectors (id, vector, crc32) VALUES (?, ?, ?)",
+                    [cursor.lastrowid, blob, vector_checksum(blob)],
                 )
                 # A file that failed before and reads now is no longer skipped.
-                self.db.execute("DELETE FROM skipped WHERE path = ?", [text])
-            self._record_skipped(skipped, now)
+                self.db.execute("DELETE FROM skipped WHERE raw_path = ?", [raw])
+            self._record_skipped(skipped, when)
         # Mirror the committed change in memory; the file is saved by save_vector_index().
         self._apply(remove=replaced, add_ids=new_ids, add_vectors=vectors)
         return new_ids
@@ -527,14 +594,14 @@ class Store:
         """Move image ``image_id`` to ``image.path`` (same content, so it keeps its id and
         vector); an entry already at that path is replaced."""
         self._require_writable()
-        text = path_text(image.path)
+        raw = os.fsencode(image.path)
         with self._writing():
-            replaced = [i for i in self._delete_path(text) if i != image_id]
+            replaced = [i for i in self._delete_path(raw) if i != image_id]
             self.db.execute(
                 "UPDATE images SET path = ?, raw_path = ?, size = ?, mtime = ? WHERE id = ?",
-                [text, os.fsencode(image.path), image.size, image.mtime, image_id],
+                [path_text(image.path), raw, image.size, image.mtime, image_id],
             )
-            self.db.execute("DELETE FROM skipped WHERE path = ?", [text])
+            self.db.execute("DELETE FROM skipped WHERE raw_path = ?", [raw])
         self._apply(remove=replaced)
 
     def copy(self, source_id: int, image: NewImage) -> int:
@@ -547,7 +614,7 @@ class Store:
         self._require_writable()
         with self._writing():
             # A file that failed to read (keeping its entry) and reads again is not skipped.
-            self.db.execute("DELETE FROM skipped WHERE path = ?", [path_text(image.path)])
+            self.db.execute("DELETE FROM skipped WHERE raw_path = ?", [os.fsencode(image.path)])
             self.db.execute(
                 "UPDATE images SET size = ?, mtime = ? WHERE id = ?",
                 [image.size, image.mtime, image_id],
@@ -568,29 +635,37 @@ class Store:
         self._apply(remove=removed)
         return len(removed)
 
-    def record_skipped(self, skipped: Sequence[tuple[Path, str]]) -> None:
+    def record_skipped(self, skipped: Sequence[SkippedFile]) -> None:
         self._require_writable()
         with self._writing():
-            self._record_skipped(skipped, _now())
+            self._record_skipped(skipped, now())
 
-    def forget_skipped(self, paths: Iterable[str]) -> None:
-        """Drop the skip records of ``paths`` (path texts), e.g. files that no longer exist."""
+    def forget_skipped(self, raw_paths: Iterable[bytes]) -> None:
+        """Drop the skip records of ``raw_paths`` (names as bytes), e.g. files that no longer
+        exist."""
         self._require_writable()
         with self._writing():
-            for text in paths:
-                self.db.execute("DELETE FROM skipped WHERE path = ?", [text])
+            for raw in raw_paths:
+                self.db.execute("DELETE FROM skipped WHERE raw_path = ?", [raw])
 
-    def _record_skipped(self, skipped: Sequence[tuple[Path, str]], now: str) -> None:
-        self.db["skipped"].insert_all(
-            [
-                {"path": path_text(p), "raw_path": os.fsencode(p), "reason": r, "at": now}
-                for p, r in skipped
-            ],
-            replace=True,
+    def _record_skipped(self, skipped: Sequence[SkippedFile], when: str) -> None:
+        """Record files that were not indexed (see SkippedFile)."""
+        rows = []
+        for path, reason, *rest in skipped:
+            state, max_pixels = (*rest, None, None)[:2]
+            rows.append(
+                [os.fsencode(path), path_text(path), reason, when]
+                + ([state.size, state.mtime, state.ctime] if state else [None, None, None])
+                + [max_pixels]
+            )
+        self.db.conn.executemany(
+            "INSERT OR REPLACE INTO skipped (raw_path, path, reason, at, size, mtime, ctime, "
+            "max_pixels) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            rows,
         )
 
-    def _delete_path(self, text: str) -> list[int]:
-        rows = self.db.execute("SELECT id FROM images WHERE path = ?", [text]).fetchall()
+    def _delete_path(self, raw: bytes) -> list[int]:
+        rows = self.db.execute("SELECT id FROM images WHERE raw_path = ?", [raw]).fetchall()
         for (image_id,) in rows:
             self.db.execute("DELETE FROM vectors WHERE id = ?", [image_id])
             self.db.execute("DELETE FROM images WHERE id = ?", [image_id])
@@ -615,14 +690,38 @@ class Store:
         return IndexSpec.from_dict(json.loads(text)) if text else IndexSpec("flat")
 
     def _load_faiss_file(self, mmap: bool) -> ann.VectorIndex | None:
-        """The FAISS file as the kind recorded for it, or as the kind a save was writing when
-        it stopped between renaming the file into place and recording that (a kill there)."""
-        loaded = ann.VectorIndex.load(self.path / FAISS_NAME, self.built_spec, self.dim, mmap)
-        writing = self.meta("index_writing", "")
-        if loaded is None and writing:
-            spec = IndexSpec.from_dict(json.loads(writing))
-            loaded = ann.VectorIndex.load(self.path / FAISS_NAME, spec, self.dim, mmap)
-        return loaded  # (the next save records the kind properly)
+        """The FAISS file, or None (no file, or one that is not what was saved)."""
+        return self._faiss_file(mmap)[0]
+
+    def _faiss_file(self, mmap: bool) -> tuple[ann.VectorIndex | None, str | None]:
+        """(the FAISS file loaded, or None; what is wrong with it, or None if nothing or if
+        there is no file). It must have the size and CRC-32 recorded when it was saved, and is
+        loaded as the kind recorded with them, or as the kind a save was writing when it
+        stopped between renaming the file into place and recording that (a kill there). A file
+        of an index saved before digests were recorded is loaded as its recorded kind."""
+        file = self.path / FAISS_NAME
+        if not file.exists():
+            return None, None
+        candidates = []  # (the kind, the digest it must have)
+        built, writing = self.meta("faiss_file", ""), self.meta("faiss_writing", "")
+        if built:
+            candidates.append((self.built_spec, ann.FileDigest.from_dict(json.loads(built))))
+        if writing and self.meta("index_writing", ""):
+            spec = IndexSpec.from_dict(json.loads(self.meta("index_writing")))
+            candidates.append((spec, ann.FileDigest.from_dict(json.loads(writing))))
+        if not built and not writing:
+            candidates.append((self.built_spec, None))
+        for spec, digest in candidates:
+            if digest is not None and ann.FileDigest.of_file(file, digest.size) != digest:
+                continue
+            loaded = ann.VectorIndex.load(file, spec, self.dim, mmap)
+            if loaded is not None:
+                return loaded, None  # (after a kill, the next save records the kind properly)
+            return None, f"{FAISS_NAME} cannot be read as {spec.describe()}"
+        return None, (
+            f"{FAISS_NAME} cannot be read: it is damaged (its size or CRC-32 differs from the "
+            "one recorded when it was saved)"
+        )
 
     def request_index(self, spec: IndexSpec | None) -> None:
         """Ask for another index kind (None: auto); the next save builds it if it can."""
@@ -671,18 +770,39 @@ class Store:
             self._rebuild(built)
         if not (self._dirty or force) and (self.path / FAISS_NAME).exists():
             return
-        spec = json.dumps(self.vector_index.spec.as_dict())
-        # The kind being written is recorded first: the file's rename and the record of its
-        # kind cannot be one step, and whoever opens the index after a kill between them must
-        # still recognise the file (_load_faiss_file).
-        with self._writing():
-            self._set_meta("index_writing", spec)
-        self.vector_index.save(self.path / FAISS_NAME)
-        with self._writing():
-            self._set_meta("index_built", spec)
-            self.db.execute("DELETE FROM meta WHERE key = 'index_writing'")
+        try:
+            self._save_faiss_file()
+        except (OSError, sqlite3.Error) as exc:
+            raise ImgIndexError(
+                f"{self.path}: could not save {FAISS_NAME} ({_describe(exc)}); the index keeps "
+                f"its {self.count()} images in {DB_NAME}, and the FAISS index is rebuilt from "
+                "them in memory when it is opened (imgindex repair writes the file once there "
+                "is room)"
+            ) from None
         self._dirty = False
         self._last_save = time.monotonic()
+
+    def _save_faiss_file(self) -> None:
+        """Write the FAISS file under a temporary name, then rename it into place. The kind
+        and digest of the file about to be renamed are recorded first: the rename and the
+        record cannot be one step, and whoever opens the index after a kill between them must
+        still recognise the file (:meth:`_faiss_file`)."""
+        target = self.path / FAISS_NAME
+        spec = json.dumps(self.vector_index.spec.as_dict())
+        temp, digest = self.vector_index.write_temporary(target)
+        try:
+            with self._writing():
+                self._set_meta("index_writing", spec)
+                self._set_meta("faiss_writing", json.dumps(digest.as_dict()))
+            os.replace(temp, target)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                temp.unlink()
+        _fsync_folder(self.path)
+        with self._writing():
+            self._set_meta("index_built", spec)
+            self._set_meta("faiss_file", json.dumps(digest.as_dict()))
+            self.db.execute("DELETE FROM meta WHERE key IN ('index_writing', 'faiss_writing')")
 
     def save_vector_index_every(self, seconds: float) -> None:
         """Save the FAISS index if it changed and the last save is older than ``seconds``."""
@@ -787,8 +907,6 @@ class Store:
 
     def check(self, weights_sha256: str | None = None, check_files: bool = True) -> CheckReport:
         """Verify the index without changing it. See CheckReport."""
-        import sqlite3
-
         report = CheckReport()
         db = self.db
         try:
@@ -807,46 +925,41 @@ class Store:
             orphans = db.execute(
                 "SELECT count(*) FROM vectors WHERE id NOT IN (SELECT id FROM images)"
             ).fetchone()[0]
-            bad_size = db.execute(
-                "SELECT count(*) FROM vectors WHERE length(vector) != ?", [4 * self.dim]
-            ).fetchone()[0]
-            live, stored = self._present_vectors(self._live_ids())
+            damage = self._vector_damage()
+            all_ids = self._live_ids()
+            live, stored = self._present_vectors(all_ids)
             rows = list(self.file_rows()) if check_files else []
         if no_vector:
             report.problems.append(f"{no_vector} image rows have no vector (repair removes them)")
         if orphans:
             report.problems.append(f"{orphans} vectors belong to no image (repair removes them)")
-        if bad_size:
-            report.problems.append(
-                f"{bad_size} vectors are not {self.dim} float32 numbers (repair removes them)"
-            )
+        report.problems += _describe_damage(damage)
         meta_dim = self.fingerprint()["dim"]
         if meta_dim != self.dim:
             report.problems.append(f"index settings say {meta_dim} dimensions, found {self.dim}")
 
-        built = self.built_spec
-        file = self._load_faiss_file(mmap=True)
+        file, problem = self._faiss_file(mmap=True)
         if not (self.path / FAISS_NAME).exists():
             report.warnings.append(
                 f"no {FAISS_NAME} yet: it is rebuilt from SQLite on open (repair writes it)"
             )
         elif file is None:
-            report.problems.append(
-                f"{FAISS_NAME} cannot be read as {built.describe()} (repair rebuilds it)"
-            )
+            report.problems.append(f"{problem} (repair rebuilds it)")
         else:
             report.faiss_file = len(file.base_ids)
             file_ids = file.base_ids
             if len(np.unique(file_ids)) != len(file_ids):
                 report.problems.append(f"{FAISS_NAME} holds duplicate ids (repair rebuilds it)")
+            # Only sound stored vectors are compared: a damaged one is SQLite's fault, and
+            # reported above as such.
             common, _, in_db = np.intersect1d(file_ids, live, return_indices=True)
             kept = file.reconstruct(common) if len(common) else None
             if kept is not None and not np.array_equal(kept, stored[in_db]):
                 report.problems.append(
                     f"{FAISS_NAME} holds vectors that differ from SQLite's (repair rebuilds it)"
                 )
-            behind = len(live) - len(common)
-            ahead = len(file_ids) - len(common)
+            behind = len(np.setdiff1d(live, file_ids))
+            ahead = len(np.setdiff1d(file_ids, all_ids))
             if behind or ahead:
                 report.warnings.append(
                     f"{FAISS_NAME} is out of date ({behind} vectors to add, {ahead} to remove); "
@@ -863,30 +976,49 @@ class Store:
         for leftover in self._temporary_files():
             report.warnings.append(f"leftover temporary file {leftover.name} (repair removes it)")
         for _image_id, text, raw, _size, _mtime, _sha in rows:
-            if not os.path.lexists(raw):
+            if is_gone(raw):
                 report.missing_files.append(text)
         report.missing_files.sort()
         return report
 
+    def _vector_damage(self) -> dict[str, list[int]]:
+        """Ids of the stored vectors that are damaged, by how: "size" (not 768 float32),
+        "checksum" (the bytes do not match their CRC-32), "not finite" (NaN or infinite numbers
+        with a matching checksum: stored so, by weights that had diverged)."""
+        damage: dict[str, list[int]] = {"size": [], "checksum": [], "not finite": []}
+        for image_id, blob, crc in self.db.execute("SELECT id, vector, crc32 FROM vectors"):
+            if len(blob) != 4 * self.dim:
+                damage["size"].append(image_id)
+            elif crc != vector_checksum(blob):
+                damage["checksum"].append(image_id)
+            elif not np.isfinite(np.frombuffer(blob, dtype="<f4")).all():
+                damage["not finite"].append(image_id)
+        return damage
+
     def repair(self, remove_missing: bool = False) -> dict[str, int]:
-        """Fix what can be fixed without re-embedding: drop rows without a usable vector and
-        vectors without a row, rebuild and rewrite the FAISS file, delete leftover temporary
-        files and (with ``remove_missing``) the entries of files that no longer exist."""
+        """Fix what can be fixed without re-embedding: restore damaged stored vectors from the
+        FAISS index where it holds them intact (their checksum says so), else drop them with
+        their rows (the next build embeds those files again); drop vectors without a row;
+        rebuild and rewrite the FAISS file; delete leftover temporary files and (with
+        ``remove_missing``) the entries of files known to be gone."""
         self._require_writable()
         db = self.db
         with self._writing():
             orphans = db.execute(
                 "DELETE FROM vectors WHERE id NOT IN (SELECT id FROM images)"
             ).rowcount
-            bad = db.execute(
-                "DELETE FROM vectors WHERE length(vector) != ?", [4 * self.dim]
-            ).rowcount
+            damage = self._vector_damage()
+            restored = self._restore_from_faiss(damage["size"] + damage["checksum"])
+            bad = 0
+            unsound = {i for ids in damage.values() for i in ids} - restored
+            for chunk, marks in _id_chunks(sorted(unsound)):
+                bad += db.execute(f"DELETE FROM vectors WHERE id IN ({marks})", chunk).rowcount
             unusable = db.execute(
                 "DELETE FROM images WHERE id NOT IN (SELECT id FROM vectors)"
             ).rowcount
         missing = 0
         if remove_missing:
-            gone = [row[0] for row in self.file_rows() if not os.path.lexists(row[2])]
+            gone = [row[0] for row in self.file_rows() if is_gone(row[2])]
             missing = self.remove(gone)
         temporary = self._leftovers_removed  # taking the lock deleted these already
         for leftover in self._temporary_files():
@@ -896,12 +1028,60 @@ class Store:
         self.save_vector_index(force=True)
         return {
             "orphan_vectors_removed": orphans,
+            "damaged_vectors_restored": len(restored),
             "bad_vectors_removed": bad,
             "rows_without_vector_removed": unusable,
             "missing_files_removed": missing,
             "temporary_files_removed": temporary,
             "vectors_in_faiss": self.vector_index.ntotal,
         }
+
+    def _restore_from_faiss(self, ids: list[int]) -> set[int]:
+        """Put back the stored vectors of ``ids`` (damaged in SQLite) from the FAISS index, for
+        those it holds exactly and whose copy there matches the checksum stored with them (or
+        equals the stored bytes: then the checksum was the damaged part). Returns those ids."""
+        held = np.intersect1d(np.asarray(ids, dtype=np.int64), self.vector_index.ids())
+        copies = self.vector_index.reconstruct(held) if len(held) else None
+        if copies is None:
+            return set()
+        restored = set()
+        for image_id, copy in zip(held.tolist(), copies, strict=True):
+            blob = np.ascontiguousarray(copy, dtype="<f4").tobytes()
+            stored, crc = self.db.execute(
+                "SELECT vector, crc32 FROM vectors WHERE id = ?", [image_id]
+            ).fetchone()
+            if np.isfinite(copy).all() and (crc == vector_checksum(blob) or stored == blob):
+                self.db.execute(
+                    "UPDATE vectors SET vector = ?, crc32 = ? WHERE id = ?",
+                    [blob, vector_checksum(blob), image_id],
+                )
+                restored.add(image_id)
+        return restored
+
+
+def _describe_damage(damage: dict[str, list[int]]) -> list[str]:
+    """What check reports of damaged stored vectors (see Store._vector_damage)."""
+    out = []
+    if damage["size"]:
+        out.append(
+            f"{len(damage['size'])} stored vectors are not 768 float32 numbers (image ids "
+            f"{damage['size'][:10]}); repair restores them from {FAISS_NAME} where it holds "
+            "them intact, else removes their entries"
+        )
+    if damage["checksum"]:
+        out.append(
+            f"{len(damage['checksum'])} stored vectors in {DB_NAME} are damaged: their bytes "
+            f"do not match their CRC-32 (image ids {damage['checksum'][:10]}); repair restores "
+            f"them from {FAISS_NAME} where it holds them intact, else removes their entries so "
+            "that the next build embeds those files again"
+        )
+    if damage["not finite"]:
+        out.append(
+            f"{len(damage['not finite'])} stored vectors hold NaN or infinite numbers (image "
+            f"ids {damage['not finite'][:10]}; made by weights that had diverged?); repair "
+            "removes their entries so that the next build embeds those files again"
+        )
+    return out
 
 
 _RECORD_COLUMNS = "id, path, sha256, size, mtime, width, height, added_at"
@@ -935,8 +1115,6 @@ def database_state(path: Path) -> str:
         return "none"
     if db_path.stat().st_size == 0:
         return "unfinished"
-    import sqlite3
-
     try:
         conn = sqlite3.connect(_read_only_uri(db_path), uri=True)
     except sqlite3.Error:
@@ -963,9 +1141,76 @@ def disk_usage(path: Path) -> dict[str, int]:
     return sizes
 
 
+# Files in the index folder are opened without following a symbolic link in their place: a
+# link planted there must not make imgindex write through it to a file elsewhere.
+NOFOLLOW = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+OTHER_OWNER_ENV = "IMGINDEX_ALLOW_OTHER_OWNER"
+
+
+def make_folder(path: Path, private: bool) -> None:
+    """Make the index folder ``path`` and the folders above it that are missing: 0700 with
+    ``private`` or when the nearest existing folder above is private (no access for group and
+    others), else as the umask says. An existing folder is made 0700 with ``private``."""
+    missing = []
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        missing.append(existing)
+        existing = existing.parent
+    if not private and existing.is_dir():
+        private = existing.stat().st_mode & 0o077 == 0
+    for folder in reversed(missing):
+        with contextlib.suppress(FileExistsError):  # made by another process meanwhile
+            folder.mkdir(mode=0o700 if private else 0o777)
+    if private and not missing:
+        os.chmod(path, 0o700)
+
+
+def check_folder_for_writing(path: Path) -> None:
+    """Refuse to write into an index folder that this user cannot write, that another user
+    owns (they could plant links in it; ``$IMGINDEX_ALLOW_OTHER_OWNER=1`` allows it), or whose
+    database files are symbolic links (SQLite would write through them)."""
+    if not os.access(path, os.W_OK):
+        raise ImgIndexError(
+            f"{path}: the index folder cannot be written (permissions, or a read-only "
+            "mount); commands that only read it still work"
+        )
+    owner = path.stat().st_uid
+    if owner != os.geteuid() and os.environ.get(OTHER_OWNER_ENV) != "1":
+        raise ImgIndexError(
+            f"{path}: the index folder belongs to another user (uid {owner}), who could plant "
+            "links in it for imgindex to write through; imgindex writes only into its own "
+            f"user's folders (set {OTHER_OWNER_ENV}=1 to write there anyway)"
+        )
+    for name in (DB_NAME, DB_NAME + "-wal", DB_NAME + "-shm", FAISS_NAME, LOCK_NAME):
+        if (path / name).is_symlink():
+            raise ImgIndexError(
+                f"{path / name}: a symbolic link where imgindex keeps its own file; refusing "
+                "to write through it (remove it if you did not make it)"
+            )
+
+
 def _take_lock(path: Path, wait: float, on_wait: Any) -> Any:
-    """The index's write lock (an flock on ``write.lock``, released by closing the file)."""
-    fh = open(path / LOCK_NAME, "a+")  # noqa: SIM115 - held open while locked
+    """The index's write lock (an flock on ``write.lock``, released by closing the file). The
+    file is opened without following a link and must be a plain file of its own (one name):
+    its contents are replaced by the holder's pid."""
+    lock_path = path / LOCK_NAME
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | NOFOLLOW, 0o644)
+    except OSError as exc:
+        if lock_path.is_symlink():
+            raise ImgIndexError(
+                f"{lock_path}: a symbolic link where imgindex keeps its lock file; refusing to "
+                "write through it (remove it if you did not make it)"
+            ) from None
+        raise ImgIndexError(f"{lock_path}: cannot open the lock file ({exc.strerror})") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+        os.close(fd)
+        raise ImgIndexError(
+            f"{lock_path}: not a plain file of its own (a device, or a hard link to another "
+            "file); refusing to write to it (remove it if you did not make it)"
+        )
+    fh = os.fdopen(fd, "r+b", buffering=0)
     deadline = time.monotonic() + max(0.0, wait)
     told = False
     while True:
@@ -973,8 +1218,7 @@ def _take_lock(path: Path, wait: float, on_wait: Any) -> Any:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
             break
         except BlockingIOError:
-            fh.seek(0)
-            holder = fh.read().strip() or "another process"
+            holder = _lock_holder(fh)
             if time.monotonic() >= deadline:
                 fh.close()
                 waited = f" after waiting {wait:g} s" if wait > 0 else ""
@@ -992,9 +1236,21 @@ def _take_lock(path: Path, wait: float, on_wait: Any) -> Any:
             time.sleep(0.1)
     fh.seek(0)
     fh.truncate()
-    fh.write(f"pid {os.getpid()}")
-    fh.flush()
+    fh.write(f"pid {os.getpid()}".encode())
     return fh
+
+
+def _lock_holder(fh: Any) -> str:
+    """Who holds the lock, as its file says ("pid N"); anything else is not repeated."""
+    fh.seek(0)
+    text = fh.read(64).decode("ascii", "replace").strip()
+    return text if re.fullmatch(r"pid \d+", text) else "another process"
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
 
 
 def _fsync_folder(path: Path) -> None:
@@ -1028,8 +1284,6 @@ def _read_only_uri(path: Path) -> str:
 
 def _connect(path: Path, read_only: bool = False) -> Any:
     """A connection to the database (any thread may use it: Index lets one at a time)."""
-    import sqlite3
-
     import sqlite_utils
 
     if read_only:
@@ -1048,61 +1302,3 @@ def _connect(path: Path, read_only: bool = False) -> Any:
 # How long a statement waits for SQLite's own locks (a reader's snapshot being set up, a
 # checkpoint) before failing with "database is locked".
 BUSY_TIMEOUT_MS = 10_000
-
-
-@contextlib.contextmanager
-def write_transaction(db: Any) -> Iterator[Any]:
-    """One write transaction on ``db`` (nested: a savepoint). It takes SQLite's write lock at
-    its start (``BEGIN IMMEDIATE``), waiting up to the busy timeout for whoever holds it. A
-    deferred ``BEGIN`` would take it only at the first write, and SQLite refuses that upgrade at
-    once, without waiting, when another connection wrote since the transaction began reading:
-    "database is locked" in the middle of a build."""
-    conn = db.conn
-    if conn.in_transaction:
-        with db.atomic():
-            yield db
-        return
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        yield db
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
-    try:
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
-
-
-def _migrate(db: Any, path: Path, apply: bool = True) -> None:
-    """Apply the pending MIGRATIONS in order (or, read-only, refuse an index that needs them)."""
-    applied: set[str] = set()
-    if "_migrations" in db.table_names():
-        applied = {row[0] for row in db.execute("SELECT name FROM _migrations")}
-    elif "images" in db.table_names():
-        raise IncompatibleIndexError(f"{path}: {DB_NAME} is not an imgindex database")
-    known = {name for name, _ in MIGRATIONS}
-    if applied - known:
-        raise IncompatibleIndexError(
-            f"{path}: made by a newer imgindex (schema {max(applied - known)}); upgrade imgindex "
-            "to use it"
-        )
-    pending = [(name, sql) for name, sql in MIGRATIONS if name not in applied]
-    if pending and not apply:
-        raise IncompatibleIndexError(
-            f"{path}: made by an older imgindex; run `imgindex build` on it once to upgrade it"
-        )
-    for name, sql in pending:
-        with write_transaction(db):
-            db.execute(
-                "CREATE TABLE IF NOT EXISTS _migrations "
-                "(name TEXT PRIMARY KEY, applied_at TEXT NOT NULL)"
-            )
-            # One statement at a time, inside our transaction (executescript would commit).
-            for statement in sql.split(";"):
-                if statement.strip():
-                    db.execute(statement)
-            db.execute("INSERT INTO _migrations VALUES (?, ?)", [name, _now()])

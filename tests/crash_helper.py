@@ -16,8 +16,7 @@ import os
 import sys
 import time
 
-import faiss
-
+import imgindex.ann
 import imgindex.index
 import imgindex.model
 import imgindex.store as store_module
@@ -82,24 +81,21 @@ def install(point: str, nth: int) -> None:
 
     store_module._connect = connect
 
-    original_write_index = faiss.write_index
+    original_write_temporary = imgindex.ann.write_temporary
 
-    def write_index(index, filename):
+    def write_temporary(faiss_module, index, target):
+        temp, digest = original_write_temporary(faiss_module, index, target)
         if point == "faiss-partial":
-            original_write_index(index, filename)
-            with open(filename, "rb") as fh:
-                data = fh.read()
-            with open(filename, "wb") as fh:
+            data = temp.read_bytes()
+            with open(temp, "wb") as fh:
                 fh.write(data[: len(data) // 2])
                 fh.flush()
                 os.fsync(fh.fileno())
             arrive("faiss-partial")
-            with open(filename, "wb") as fh:
-                fh.write(data)
-        else:
-            original_write_index(index, filename)
+            temp.write_bytes(data)
+        return temp, digest
 
-    faiss.write_index = write_index
+    imgindex.ann.write_temporary = write_temporary
 
     original_replace = os.replace
 

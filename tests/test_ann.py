@@ -301,15 +301,13 @@ def test_a_kill_between_writing_the_faiss_file_and_recording_its_kind(
     vectors = augnet_like(300)
     with make_index(tmp_path, vectors, before[0], before[1]) as index:
         index.set_index_type(after[0], after[1])
-    real_save = imgindex.ann.VectorIndex.save
 
-    def save_then_die(self, path):
-        real_save(self, path)
+    def die_after_the_rename(folder):
         raise SystemExit("killed after the rename")
 
     store = Store.open(tmp_path / "idx", writable=True)
     store.lock()
-    monkeypatch.setattr(imgindex.ann.VectorIndex, "save", save_then_die)
+    monkeypatch.setattr(imgindex.store, "_fsync_folder", die_after_the_rename)
     with pytest.raises(SystemExit):
         store.save_vector_index()
     store.unlock()

@@ -125,12 +125,12 @@ def test_changed_content_gets_a_new_id_and_vector(index, folder, fake_vectorizer
 def test_file_vanishing_or_changing_during_the_build(index, folder, monkeypatch, fake_vectorizer):
     real_read = imgindex.ingest.read_file
 
-    def read_file(path):
+    def read_file(path, *args):
         if path.name == "2.png":
             path.unlink()  # deleted after the walk listed it
         if path.name == "3.png":
             random_image(path, size=(33, 33), seed=42)  # rewritten just before reading
-        return real_read(path)
+        return real_read(path, *args)
 
     monkeypatch.setattr(imgindex.ingest, "read_file", read_file)
     report = index.sync(folder)
