@@ -1250,9 +1250,18 @@ def evaluate(
     show_default=True,
     help="Start from: stock (imgsim's weights), scratch, or a checkpoint file.",
 )
-@click.option("--images-per-step", default=48, show_default=True, type=click.IntRange(2))
-@click.option("--views-per-image", default=8, show_default=True, type=click.IntRange(2))
-@click.option("--crop-size", default=224, show_default=True, type=click.IntRange(32))
+@click.option(
+    "--images-per-step",
+    type=click.IntRange(2),
+    help="Images whose views make one step. Default: 48 on a GPU; 16 on a CPU (fewer if the "
+    "memory is short).",
+)
+@click.option("--views-per-image", type=click.IntRange(2), help="Default: 8 on a GPU, 4 on a CPU.")
+@click.option(
+    "--crop-size",
+    type=click.IntRange(32),
+    help="Pixels of each view's side. Default: 224 on a GPU, 96 on a CPU.",
+)
 @click.option(
     "--loss",
     type=click.Choice(["contrastive", "softmax"]),
@@ -1310,9 +1319,9 @@ def train(
     seed: int | None,
     arch: str,
     init: str,
-    images_per_step: int,
-    views_per_image: int,
-    crop_size: int,
+    images_per_step: int | None,
+    views_per_image: int | None,
+    crop_size: int | None,
     loss: str,
     lr: float,
     freeze_bn: bool | None,
@@ -1333,17 +1342,21 @@ def train(
     `imgindex build FOLDER --weights OUT`.
     """
     from imgindex.files import walk_images
-    from imgindex.train import TrainOptions
+    from imgindex.model import resolve_device
+    from imgindex.train import TrainOptions, default_step, step_memory
     from imgindex.train import train as run_training
 
     _require_existing(folders, "FOLDERS")
     if minutes is None and steps is None:
         minutes = 10.0
-    options = TrainOptions(
-        arch=arch, init=init, images_per_step=images_per_step, views_per_image=views_per_image,
-        crop_size=crop_size, loss=loss, lr=lr, freeze_bn=freeze_bn, seed=seed,
-    )  # fmt: skip
     images = list(walk_images(list(folders)))
+    sizes = default_step(device, arch, len(images))
+    given = {"images_per_step": images_per_step, "views_per_image": views_per_image,
+             "crop_size": crop_size}  # fmt: skip
+    sizes.update({name: value for name, value in given.items() if value is not None})
+    options = TrainOptions(
+        arch=arch, init=init, loss=loss, lr=lr, freeze_bn=freeze_bn, seed=seed, **sizes
+    )
     say = functools.partial(click.echo, err=True)
     eval_set = None
     if eval_dir is not None or eval_labels is not None:
@@ -1351,8 +1364,7 @@ def train(
         labels = _count(len(set(eval_set.labels)), "label")
         say(f"Evaluation set: {_count(len(eval_set), 'image')}, {labels}.")
     say(f"Training on {len(images)} images (no labels used).")
-    from imgindex.model import resolve_device
-
+    on_cpu = resolve_device(device) == "cpu"
     if resume:
         context = click.get_current_context()
         training_options = ("arch", "init", "images_per_step", "views_per_image", "crop_size")
@@ -1364,13 +1376,22 @@ def train(
         ]
         if given:
             say(f"Resuming with the run's own options: {', '.join(given)} ignored.")
-    elif resolve_device(device) == "cpu" and arch == "resnet50":
+    else:
+        per_step = min(options.images_per_step, len(images))
+        cost = ""
+        if on_cpu:
+            need = step_memory(arch, per_step, options.views_per_image, options.crop_size)
+            cost = f", about {need / 1e9:.1f} GB of memory"
         say(
-            "No GPU: a ResNet50 trained at about 20 views/s on 2 CPU cores with 96-pixel crops "
-            "(an H100: 2,500 at 224). On a CPU, try a smaller --crop-size, or --arch resnet18 "
-            "--init scratch."
+            f"Each step: {per_step} images x {options.views_per_image} views of "
+            f"{options.crop_size} pixels{cost}."
         )
-    line = TrainProgressLine(progress and not as_json)
+        if on_cpu and arch == "resnet50":
+            say(
+                "No GPU: a ResNet50 trains at about 24 views/s on 2 CPU cores with 96-pixel "
+                "crops (an H100: 2,500 at 224); --arch resnet18 --init scratch is faster."
+            )
+    line = TrainProgressLine(progress and not as_json, say_first_step=not as_json)
 
     def on_eval(result: Any) -> None:
         line.clear()
@@ -1450,11 +1471,24 @@ class TrainProgressLine(StatusLine):
     """Training progress: on a terminal, one line rewritten twice a second; in a log, a plain
     line every 30 seconds, so a long run is never silent."""
 
-    def __init__(self, enabled: bool, log_every: float = 30.0):
+    def __init__(self, enabled: bool, log_every: float = 30.0, say_first_step: bool = False):
         super().__init__(enabled, interval=0.5, log_every=log_every)
         self._last = time.monotonic()
+        self._say_first_step = say_first_step
 
     def __call__(self, state: Any) -> None:
+        if self._say_first_step:
+            # What a step costs here, measured: the first one (with the view workers' start).
+            import resource
+
+            self._say_first_step = False
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            self.clear()
+            click.echo(
+                f"The first step took {state.elapsed:.1f} s; peak memory so far "
+                f"{peak / 1e9:.1f} GB.",
+                err=True,
+            )
         if not self.due():
             return
         total = f"/{state.total_steps}" if state.total_steps else ""

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from imgindex.errors import ImgIndexError
-from imgindex.files import is_under
+from imgindex.files import is_under, resolve
 
 DEFAULT_KS = (1, 5, 10)
 
@@ -122,7 +122,7 @@ class Labels:
 
     def under(self, roots: Sequence[str | os.PathLike[str]]) -> Labels:
         """Only the images that lie under one of ``roots``."""
-        texts = [os.path.abspath(os.fsdecode(r)) for r in roots]
+        texts = [str(resolve(r)) for r in roots] + [os.path.abspath(os.fsdecode(r)) for r in roots]
         keep = {p: v for p, v in self.label.items() if any(is_under(p, r) for r in texts)}
         return replace(self, label=keep)
 
@@ -131,7 +131,7 @@ def labels_from_folders(paths: Iterable[str], roots: Sequence[str | os.PathLike[
     """Each image's label is its folder relative to the root it lies under (``cats/x.jpg`` ->
     ``cats``; ``animals/cats/x.jpg`` -> ``animals/cats``); without roots, its folder's name.
     Images directly in a root take the root's own name."""
-    resolved = [os.path.abspath(os.fsdecode(r)).rstrip(os.sep) for r in roots]
+    resolved = [str(resolve(r)).rstrip(os.sep) for r in roots]  # as builds index them
     out = {}
     for path in paths:
         folder = os.path.dirname(path)
@@ -157,7 +157,8 @@ def require_a_repeated_label(labels: Sequence[str]) -> None:
 def labels_from_csv(csv_path: str | os.PathLike[str], group_column: str = "group") -> Labels:
     """Labels from a CSV file with a header naming a ``path`` and a ``label`` column (and,
     optionally, ``group_column``). Relative paths are relative to the CSV file's folder, as
-    reached (through symbolic links not resolved, as the index stores paths)."""
+    reached; paths are then resolved (symbolic links in their folders followed), as builds
+    index them."""
     csv_path = Path(csv_path)
     base = Path(os.path.abspath(csv_path)).parent
     try:
@@ -180,7 +181,7 @@ def labels_from_csv(csv_path: str | os.PathLike[str], group_column: str = "group
                 path, value = (row.get("path") or "").strip(), (row.get("label") or "").strip()
                 if not path or not value:
                     raise ImgIndexError(f"{csv_path}, line {line}: empty path or label")
-                full = os.path.normpath(os.path.join(base, os.path.expanduser(path)))
+                full = str(resolve(os.path.join(base, os.path.expanduser(path))))
                 if full in label and label[full] != value:
                     raise ImgIndexError(
                         f"{csv_path}, line {line}: {path} is labelled twice "

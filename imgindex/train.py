@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from imgindex.ann import available_memory
 from imgindex.decode import DEFAULT_MAX_PIXELS, decode_image_bytes, read_file, read_image_file
 from imgindex.errors import ImageError, ImgIndexError, WeightsError
 from imgindex.evaluate import RetrievalScores, evaluate_vectors, require_a_repeated_label
@@ -104,6 +105,64 @@ class TrainOptions:
     @property
     def bn_frozen(self) -> bool:
         return self.init != "scratch" if self.freeze_bn is None else self.freeze_bn
+
+
+# What a training step holds in memory on a CPU (fp32): a fixed part (the network, its
+# gradients, AdamW's two moments, PyTorch itself) and the activations kept for the backward
+# pass, per view and per pixel of its crop. Measured with benchmarks/train_memory.py (peak
+# resident memory of steps of 16-64 views at 96-224 pixels, 2-core x86-64 machine); a slight
+# overestimate for large crops.
+STEP_FIXED_BYTES = 1_100_000_000
+STEP_BYTES_PER_VIEW_PIXEL = {"resnet50": 2_400, "resnet34": 900, "resnet18": 600}
+# A CPU step may take this share of the memory available; the rest is for the view workers,
+# the evaluation set's embedding, and the other programs of the machine.
+STEP_MEMORY_SHARE = 0.7
+# Step sizes when none are given. On a GPU, the prototype's (48 images x 8 views of 224
+# pixels); on a CPU, one that fits a laptop: 16 x 4 views of 96 pixels, about 2.5 GB, a step
+# every 2.7 s (24 views/s) on the 2-core test machine, where the GPU's step would need 47 GB.
+GPU_STEP = {"images_per_step": 48, "views_per_image": 8, "crop_size": 224}
+CPU_STEP = {"images_per_step": 16, "views_per_image": 4, "crop_size": 96}
+
+
+def step_memory(arch: str, images: int, views_per_image: int, crop_size: int) -> int:
+    """Bytes a training step of ``images`` x ``views_per_image`` crops holds on a CPU."""
+    pixels = images * views_per_image * crop_size**2
+    return STEP_FIXED_BYTES + STEP_BYTES_PER_VIEW_PIXEL[arch] * pixels
+
+
+def default_step(device: str, arch: str, images: int) -> dict[str, int]:
+    """Step sizes for a run on ``device`` when none are given: GPU_STEP on a GPU; on a CPU,
+    CPU_STEP with fewer images per step if need be to fit the memory available (never fewer
+    than 2; :func:`check_step_memory` then refuses)."""
+    if resolve_device(device) != "cpu":
+        return dict(GPU_STEP)
+    sizes = dict(CPU_STEP)
+    budget = STEP_MEMORY_SHARE * available_memory()
+    while sizes["images_per_step"] > 2 and budget < step_memory(
+        arch, min(sizes["images_per_step"], images), sizes["views_per_image"], sizes["crop_size"]
+    ):
+        sizes["images_per_step"] //= 2
+    return sizes
+
+
+def check_step_memory(options: TrainOptions, images: int) -> int:
+    """Refuse, on a CPU, a step that would not fit in the memory available (it would be
+    killed, or swap for hours); returns the bytes the step needs. ``images``: per step."""
+    need = step_memory(options.arch, images, options.views_per_image, options.crop_size)
+    have = available_memory()
+    if need <= STEP_MEMORY_SHARE * have:
+        return need
+    cpu = CPU_STEP
+    fits = step_memory(options.arch, cpu["images_per_step"], cpu["views_per_image"],
+                       cpu["crop_size"])  # fmt: skip
+    raise ImgIndexError(
+        f"a training step of {images} images x {options.views_per_image} views of "
+        f"{options.crop_size} pixels needs about {need / 1e9:.1f} GB of memory on a CPU, more "
+        f"than this machine can give it ({have / 1e9:.1f} GB available); use fewer images per "
+        "step, fewer views or smaller crops, for example --images-per-step "
+        f"{cpu['images_per_step']} --views-per-image {cpu['views_per_image']} --crop-size "
+        f"{cpu['crop_size']} (about {fits / 1e9:.1f} GB; in Python, the same TrainOptions)"
+    )
 
 
 @dataclass
@@ -615,6 +674,8 @@ def train(
         options = state["options"]
     seed = options.seed if options.seed is not None else random.SystemRandom().randrange(2**31)
     options = TrainOptions(**{**asdict(options), "seed": seed})
+    if not on_gpu:
+        check_step_memory(options, min(options.images_per_step, len(images)))
     torch.manual_seed(seed)
 
     if state is not None:

@@ -446,3 +446,102 @@ def test_an_empty_folder_keeps_its_entries_and_the_build_says_so(run, tmp_path, 
     result = run("build", photos / "pizza", "--index", tmp_path / "idx")
     assert f"Warning: {photos / 'pizza'} is empty, but 6 indexed images were in it" in result.stdout
     assert "Index " in result.stdout and ": 6 images" in result.stdout
+
+
+# -- issue 12, item 14: the smaller things --------------------------------------------------------
+
+
+def test_duplicates_csv_has_unix_line_ends(run, tmp_path):
+    random_image(tmp_path / "pics" / "a.png", seed=1)
+    (tmp_path / "pics" / "b.png").write_bytes((tmp_path / "pics" / "a.png").read_bytes())
+    run("build", tmp_path / "pics", "--index", tmp_path / "idx")
+    out = run("duplicates", "--index", tmp_path / "idx", "--csv").stdout
+    assert "\r" not in out and out.splitlines()[0] == "group,id,path" and len(out.splitlines()) == 3
+
+
+def test_similar_answers_the_known_images_and_names_the_unknown(run, tmp_path):
+    for i in range(3):
+        random_image(tmp_path / "pics" / f"{i}.png", seed=i)
+    index = tmp_path / "idx"
+    run("build", tmp_path / "pics", "--index", index)
+    result = run("similar", "1", "999", "3", "--index", index, "--json", ok=False)
+    assert result.exit_code == 1
+    entries = json.loads(result.stdout)
+    assert [e.get("error", "answered")[:10] for e in entries] == [
+        "answered", "not in the", "answered"
+    ]  # fmt: skip
+    assert entries[1]["query"] == "999" and "Error: 999: not in the index" in result.stderr
+    text = run("similar", "999", "2", "--index", index, ok=False)
+    assert text.exit_code == 1 and "Query 2 (" in text.stdout
+
+
+def test_remove_everything_asks_first_and_dry_runs_change_nothing(run, tmp_path):
+    for i in range(3):
+        random_image(tmp_path / "pics" / f"{i}.png", seed=i)
+    index = tmp_path / "idx"
+    run("build", tmp_path / "pics", "--index", index)
+    refused = run("remove", "/", "--index", index, ok=False)  # not a terminal: no one to ask
+    assert refused.exit_code == 2 and "would remove all 3 entries" in refused.stderr
+    assert "--yes" in refused.stderr
+    dry = run("remove", "/", "--index", index, "--dry-run")
+    assert "3 entries would be removed; 0 images would remain. Nothing was changed." in dry.stdout
+    some = run("remove", tmp_path / "pics" / "0.png", "--index", index)  # not all: no question
+    assert "Removed 1 entry" in some.stdout
+    (tmp_path / "pics" / "1.png").unlink()
+    random_image(tmp_path / "pics" / "new.png", seed=9)
+    plan = json.loads(run("build", tmp_path / "pics", "--index", index, "--dry-run", "--json")
+                      .stdout)  # fmt: skip
+    assert plan["dry_run"] and [Path(p).name for p in plan["to_read"]] == ["0.png", "new.png"]
+    assert [Path(p).name for p in plan["to_remove"]] == ["1.png"] and plan["unchanged"] == 1
+    text = run("build", tmp_path / "pics", "--index", index, "--dry-run").stdout
+    assert text.startswith("Dry run: 2 files to read") and "Nothing was changed." in text
+    info = json.loads(run("info", "--index", index, "--json").stdout)
+    assert info["images"] == 2  # the dry runs changed nothing
+    new = run("build", tmp_path / "pics", "--index", tmp_path / "none", "--dry-run").stdout
+    assert "a build would create it and read 3 files" in new and not (tmp_path / "none").exists()
+    assert "Removed 2 entries" in run("remove", "/", "--index", index, "--yes").stdout
+
+
+def test_under_a_folder_that_does_not_exist_is_warned_of(run, tmp_path):
+    random_image(tmp_path / "pics" / "a.png")
+    index = tmp_path / "idx"
+    run("build", tmp_path / "pics", "--index", index)
+    result = run("similar", "1", "--index", index, "--under", tmp_path / "pcis")
+    assert "Warning: --under" in result.stderr and "no such folder or file" in result.stderr
+    assert "Warning" not in run("similar", "1", "--index", index, "--under", tmp_path).stderr
+
+
+def test_the_progress_line_says_the_model_is_loading():
+    from imgindex.cli import ProgressLine
+    from imgindex.ingest import Progress
+
+    shown = []
+    line = ProgressLine(True)
+    line.enabled, line.terminal, line.show = True, True, shown.append
+    line(Progress(total=5, loading_model=True))
+    assert shown == ["Loading the model ... (5 files to read)"]
+    state = Progress(total=5, done=5, embedded=5, model_seconds=0.0)
+    line(state)
+    assert "images/s" in shown[-1] and "0.0 images/s" not in shown[-1]
+
+
+def test_get_with_a_path_says_to_use_find(tmp_path):
+    from .conftest import FakeVectorizer
+
+    with imgindex_api.Index.create(tmp_path / "idx", vectorizer=FakeVectorizer()) as index:
+        with pytest.raises(TypeError, match=r"use Index\.find\(path\)"):
+            index.get("photo.jpg")
+        with pytest.raises(KeyError):
+            index.get(7)
+
+
+def test_random_bytes_as_weights_are_not_said_to_run_code(tmp_path):
+    from imgindex.errors import WeightsError
+    from imgindex.model import read_checkpoint
+
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(os.urandom(4096))
+    with pytest.raises(WeightsError) as refused:
+        read_checkpoint(junk)
+    assert "not a PyTorch checkpoint" in str(refused.value)
+    assert "run code" not in str(refused.value)

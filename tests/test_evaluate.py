@@ -157,12 +157,13 @@ def test_labels_under_folders(tmp_path):
 
 
 def test_csv_paths_are_relative_to_the_folder_as_reached_through_a_link(tmp_path):
-    """The index stores paths as walked (a linked folder is not resolved); labels must name
-    the same paths, or they match nothing."""
+    """Relative paths start from the CSV's folder as reached (through the link), and are then
+    resolved as builds resolve the folders they index: labels must name the same paths as the
+    index, or they match nothing."""
     from imgindex.evaluate import labels_from_csv
 
     (tmp_path / "real").mkdir()
     os.symlink(tmp_path / "real", tmp_path / "via")
     (tmp_path / "real" / "labels.csv").write_text("path,label\npics/a.jpg,cat\n")
     labels = labels_from_csv(tmp_path / "via" / "labels.csv")
-    assert list(labels.label) == [str(tmp_path / "via" / "pics" / "a.jpg")]
+    assert list(labels.label) == [str(tmp_path / "real" / "pics" / "a.jpg")]
