@@ -442,25 +442,27 @@ class Store:
     def _read_vectors(self, ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray, list[int]]:
         """(ids found with a sound vector, their vectors, ids whose vector is damaged). Sound:
         the stored checksum matches, and it is 768 finite numbers."""
+        ids = list(ids)
+        out = np.empty((len(ids), self.dim), dtype=np.float32)
         found: list[int] = []
-        blobs: list[bytes] = []
         damaged: list[int] = []
-        for chunk, marks in _id_chunks(list(ids)):
+        size = 4 * self.dim
+        for chunk, marks in _id_chunks(ids):
             for image_id, blob, crc in self.db.execute(
                 f"SELECT id, vector, crc32 FROM vectors WHERE id IN ({marks})", chunk
             ):
-                if len(blob) == 4 * self.dim and crc == vector_checksum(blob):
+                if len(blob) == size and crc == vector_checksum(blob):
+                    out[len(found)] = np.frombuffer(blob, dtype="<f4")
                     found.append(image_id)
-                    blobs.append(blob)
                 else:
                     damaged.append(image_id)
-        out = np.frombuffer(b"".join(blobs), dtype="<f4").reshape(len(blobs), self.dim)
+        out = out[: len(found)]
         finite = np.isfinite(out).all(axis=1)
         if not finite.all():
             damaged += [i for i, ok in zip(found, finite, strict=True) if not ok]
             found = [i for i, ok in zip(found, finite, strict=True) if ok]
             out = out[finite]
-        return np.asarray(found, dtype=np.int64), out.astype(np.float32), sorted(damaged)
+        return np.asarray(found, dtype=np.int64), out, sorted(damaged)
 
     def all_vectors(self) -> tuple[np.ndarray, np.ndarray]:
         """(ids, vectors) of every image, from SQLite, in one snapshot."""
@@ -478,8 +480,10 @@ class Store:
         row without one is damage that `check` reports and `repair` mends; it is left out here,
         so that nothing damaged reaches the FAISS index."""
         found, out, _damaged = self._read_vectors(ids.tolist())
-        order = np.argsort(found, kind="stable")
-        return found[order], out[order]
+        if len(found) > 1 and (np.diff(found) < 0).any():  # (SQLite gives them in id order)
+            order = np.argsort(found, kind="stable")
+            return found[order], out[order]
+        return found, out
 
     def ids_under(self, path: str | os.PathLike[str]) -> np.ndarray:
         """Ids of the images at ``path`` or under it (a folder), sorted: under its resolved
@@ -702,26 +706,40 @@ class Store:
         file = self.path / FAISS_NAME
         if not file.exists():
             return None, None
-        candidates = []  # (the kind, the digest it must have)
-        built, writing = self.meta("faiss_file", ""), self.meta("faiss_writing", "")
-        if built:
-            candidates.append((self.built_spec, ann.FileDigest.from_dict(json.loads(built))))
-        if writing and self.meta("index_writing", ""):
-            spec = IndexSpec.from_dict(json.loads(self.meta("index_writing")))
-            candidates.append((spec, ann.FileDigest.from_dict(json.loads(writing))))
-        if not built and not writing:
-            candidates.append((self.built_spec, None))
-        for spec, digest in candidates:
-            if digest is not None and ann.FileDigest.of_file(file, digest.size) != digest:
-                continue
-            loaded = ann.VectorIndex.load(file, spec, self.dim, mmap)
-            if loaded is not None:
-                return loaded, None  # (after a kill, the next save records the kind properly)
-            return None, f"{FAISS_NAME} cannot be read as {spec.describe()}"
+        for _attempt in range(2):  # a writer may save a new file meanwhile: look again once
+            candidates = self._faiss_candidates()
+            for spec, digest in candidates:
+                if digest is not None and ann.FileDigest.of_file(file, digest.size) != digest:
+                    continue
+                loaded = ann.VectorIndex.load(file, spec, self.dim, mmap)
+                if loaded is not None:
+                    return loaded, None  # (after a kill, the next save records the kind)
+                if digest is not None:
+                    return None, f"{FAISS_NAME} cannot be read as {spec.describe()}"
+            if all(digest is None for _spec, digest in candidates):
+                return None, f"{FAISS_NAME} cannot be read as {self.built_spec.describe()}"
         return None, (
             f"{FAISS_NAME} cannot be read: it is damaged (its size or CRC-32 differs from the "
             "one recorded when it was saved)"
         )
+
+    def _faiss_candidates(self) -> list[tuple[IndexSpec, ann.FileDigest | None]]:
+        """What the FAISS file may be: (its kind, the digest it must have), in order: the file
+        last saved, then one a save renamed into place before a kill stopped it recording so.
+        An index saved before digests were recorded has none to check."""
+        out: list[tuple[IndexSpec, ann.FileDigest | None]] = []
+        built, writing = self.meta("faiss_file", ""), self.meta("faiss_writing", "")
+        writing_spec = self.meta("index_writing", "")
+        if built:
+            out.append((self.built_spec, ann.FileDigest.from_dict(json.loads(built))))
+        elif not writing:
+            out.append((self.built_spec, None))
+        if writing_spec:
+            spec = IndexSpec.from_dict(json.loads(writing_spec))
+            digest = ann.FileDigest.from_dict(json.loads(writing)) if writing else None
+            if digest is not None or not built:
+                out.append((spec, digest))
+        return out
 
     def request_index(self, spec: IndexSpec | None) -> None:
         """Ask for another index kind (None: auto); the next save builds it if it can."""

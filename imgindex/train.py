@@ -109,17 +109,17 @@ class TrainOptions:
 
 # What a training step holds in memory on a CPU (fp32): a fixed part (the network, its
 # gradients, AdamW's two moments, PyTorch itself) and the activations kept for the backward
-# pass, per view and per pixel of its crop. Measured with benchmarks/train_memory.py (peak
-# resident memory of steps of 16-64 views at 96-224 pixels, 2-core x86-64 machine); a slight
-# overestimate for large crops.
+# pass, per view and per pixel of its crop: fitted to the peak memory of real steps, which
+# benchmarks/train_memory.py measures against this estimate (it overestimates large crops a
+# little).
 STEP_FIXED_BYTES = 1_100_000_000
 STEP_BYTES_PER_VIEW_PIXEL = {"resnet50": 2_400, "resnet34": 900, "resnet18": 600}
 # A CPU step may take this share of the memory available; the rest is for the view workers,
 # the evaluation set's embedding, and the other programs of the machine.
 STEP_MEMORY_SHARE = 0.7
 # Step sizes when none are given. On a GPU, the prototype's (48 images x 8 views of 224
-# pixels); on a CPU, one that fits a laptop: 16 x 4 views of 96 pixels, about 2.5 GB, a step
-# every 2.7 s (24 views/s) on the 2-core test machine, where the GPU's step would need 47 GB.
+# pixels); on a CPU, one that fits a laptop (about 2.5 GB, against 47 GB for the GPU's step;
+# what steps cost is measured by benchmarks/train_memory.py and shown in the README).
 GPU_STEP = {"images_per_step": 48, "views_per_image": 8, "crop_size": 224}
 CPU_STEP = {"images_per_step": 16, "views_per_image": 4, "crop_size": 96}
 

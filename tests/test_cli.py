@@ -455,8 +455,8 @@ def test_duplicates_csv_has_unix_line_ends(run, tmp_path):
     random_image(tmp_path / "pics" / "a.png", seed=1)
     (tmp_path / "pics" / "b.png").write_bytes((tmp_path / "pics" / "a.png").read_bytes())
     run("build", tmp_path / "pics", "--index", tmp_path / "idx")
-    out = run("duplicates", "--index", tmp_path / "idx", "--csv").stdout
-    assert "\r" not in out and out.splitlines()[0] == "group,id,path" and len(out.splitlines()) == 3
+    out = run("duplicates", "--index", tmp_path / "idx", "--csv").stdout_bytes  # as written
+    assert b"\r" not in out and out.splitlines()[0] == b"group,id,path" and out.count(b"\n") == 3
 
 
 def test_similar_answers_the_known_images_and_names_the_unknown(run, tmp_path):
