@@ -231,7 +231,7 @@ class ProgressLine(StatusLine):
         if not self.due(force=state.done >= state.total or state.loading_model):
             return
         if state.loading_model:
-            self.show(f"Loading the model ... ({state.total} files to read)")
+            self.show(f"Loading the model ... ({_count(state.total, 'file')} to read)")
             return
         rate = state.images_per_second
         remaining = state.total - state.done
@@ -239,9 +239,9 @@ class ProgressLine(StatusLine):
         width = 24
         filled = int(width * state.done / state.total) if state.total else width
         bar = "#" * filled + "-" * (width - filled)
+        speed = f"  {rate:.1f} images/s" if rate > 0 else ""  # none until one is measured
         self.show(
-            f"Embedding [{bar}] {state.done}/{state.total}  {rate:.1f} images/s"
-            f"  {_duration(state.elapsed)}{eta}"
+            f"Embedding [{bar}] {state.done}/{state.total}{speed}  {_duration(state.elapsed)}{eta}"
         )
 
 
@@ -567,8 +567,8 @@ def _dry_run(
         return
     click.echo(
         f"Dry run: {_count(len(report.to_read), 'file')} to read (new, changed or moved), "
-        f"{_count(len(report.to_remove), 'entry')} whose files are gone (removed, but for "
-        f"moved files, which keep theirs), {report.unchanged} unchanged, "
+        f"{_count(len(report.to_remove), 'entry')} for files that no longer exist (a build "
+        f"removes them, but for moved files, which keep theirs), {report.unchanged} unchanged, "
         f"{len(report.skipped)} skipped ({report.skipped_unchanged} of them unchanged since an "
         "earlier build). Nothing was changed."
     )
@@ -585,7 +585,9 @@ def _require_existing(paths: Iterable[Path], param_hint: str) -> None:
     """A usage error naming the first of ``paths`` that does not exist (a broken link exists)."""
     for path in paths:
         if not os.path.lexists(path):
-            raise click.BadParameter(f"{path}: no such file or folder", param_hint=param_hint)
+            raise click.BadParameter(
+                f"{shown(str(path))}: no such file or folder", param_hint=param_hint
+            )
 
 
 def _print_stages(report: Any, device: str) -> None:

@@ -19,8 +19,15 @@ re-embedding anything. Two rules make the cache easy to trust:
   writer saved its FAISS file a moment ago, long ago, or was killed before saving it.
 
 The FAISS file is written to a temporary name, flushed and renamed over the old one, so a reader
-or a crash sees either the old file or the new one. Writers commit in batches, one transaction
-each, and save the FAISS file at the end of a build (and every few minutes during a long one).
+or a crash sees either the old file or the new one; its size and CRC-32 are recorded first, and a
+file that does not match them is damaged: it is not used (the index is rebuilt from SQLite in
+memory). Each stored vector has a CRC-32 too, and a damaged one never reaches the FAISS index.
+Writers commit in batches, one transaction each, and save the FAISS file at the end of a build
+(and every few minutes during a long one).
+
+Nothing in the folder is written through a link: the lock file is opened without following one,
+temporary files are created exclusively under unpredictable names, and a writer refuses
+database files that are links and folders that belong to another user.
 """
 
 from __future__ import annotations
@@ -203,6 +210,8 @@ class Store:
             index_spec.check(int(fingerprint["dim"]))
         make_folder(path, private)
         check_folder_for_writing(path)
+        if private:
+            os.chmod(path, 0o700)  # (an existing folder too)
         lock = _take_lock(path, wait, on_wait)
         try:
             state = database_state(path)
@@ -1168,7 +1177,7 @@ OTHER_OWNER_ENV = "IMGINDEX_ALLOW_OTHER_OWNER"
 def make_folder(path: Path, private: bool) -> None:
     """Make the index folder ``path`` and the folders above it that are missing: 0700 with
     ``private`` or when the nearest existing folder above is private (no access for group and
-    others), else as the umask says. An existing folder is made 0700 with ``private``."""
+    others), else as the umask says."""
     missing = []
     existing = path
     while not existing.exists() and existing != existing.parent:
@@ -1179,8 +1188,6 @@ def make_folder(path: Path, private: bool) -> None:
     for folder in reversed(missing):
         with contextlib.suppress(FileExistsError):  # made by another process meanwhile
             folder.mkdir(mode=0o700 if private else 0o777)
-    if private and not missing:
-        os.chmod(path, 0o700)
 
 
 def check_folder_for_writing(path: Path) -> None:

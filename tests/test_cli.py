@@ -518,8 +518,10 @@ def test_the_progress_line_says_the_model_is_loading():
     shown = []
     line = ProgressLine(True)
     line.enabled, line.terminal, line.show = True, True, shown.append
+    line(Progress(total=5))
+    assert "images/s" not in shown[-1]  # nothing measured yet
     line(Progress(total=5, loading_model=True))
-    assert shown == ["Loading the model ... (5 files to read)"]
+    assert shown[-1] == "Loading the model ... (5 files to read)"
     state = Progress(total=5, done=5, embedded=5, model_seconds=0.0)
     line(state)
     assert "images/s" in shown[-1] and "0.0 images/s" not in shown[-1]
