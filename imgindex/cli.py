@@ -128,13 +128,17 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 # Characters a file name may hold that a terminal acts on: C0 and C1 controls (escape sequences,
 # newlines, carriage returns, backspace) and the marks that reorder text (bidirectional
 # overrides and isolates, which can make a name read as another).
+# Also lone surrogates: the bytes of a name that is not UTF-8, as Python reads a command
+# line; printed, they would be those raw bytes again (0x9b is a terminal's CSI).
 _REORDERING = "\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069"
-_TERMINAL_CONTROLS = re.compile(f"[\x00-\x1f\x7f-\x9f{_REORDERING}]")
-_NOT_ESCAPED_BY_JSON = re.compile(f"[\x7f-\x9f{_REORDERING}]")  # it escapes C0 itself
+_TERMINAL_CONTROLS = re.compile(f"[\x00-\x1f\x7f-\x9f{_REORDERING}\ud800-\udfff]")
+_NOT_ESCAPED_BY_JSON = re.compile(f"[\x7f-\x9f{_REORDERING}\ud800-\udfff]")  # C0 it does
 
 
 def _escape(match: re.Match[str]) -> str:
     code = ord(match.group())
+    if 0xDC80 <= code <= 0xDCFF:  # an undecodable byte of a name: shown as path_text does
+        return f"\\x{code - 0xDC00:02x}"
     return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
 
@@ -646,7 +650,8 @@ def _print_report(report: Any, location: Path, bytes_on_disk: int) -> None:
     for note in report.notes:
         click.echo(f"Note: {shown(note)}")
     click.echo(
-        f"Index {shown(str(location))}: {report.total} images, {_size(bytes_on_disk)} on disk."
+        f"Index {shown(str(location))}: {_count(report.total, 'image')}, "
+        f"{_size(bytes_on_disk)} on disk."
     )
 
 
@@ -923,7 +928,7 @@ def similar(
         found, keys, labels, errors = [], [], [], {}
         for n, image in enumerate(images):
             try:
-                record = index.get(int(image)) if image.isdigit() else index.find(image)
+                record = index.get(int(image)) if _is_id(image) else index.find(image)
             except KeyError:
                 record = None
             if record is None:
@@ -934,7 +939,7 @@ def similar(
             # Named as the index names it, in JSON as in the results; by id: with its path too.
             keys.append(record.path)
             text = display_path(record.path)
-            labels.append(f"{image} ({text})" if image.isdigit() else text)
+            labels.append(f"{shown(image)} ({text})" if _is_id(image) else text)
         timer.done("search")
         total = index.count()
     entries = {n: {"query": images[n], "error": reason} for n, reason in errors.items()}
@@ -943,6 +948,12 @@ def similar(
         click.echo(f"Error: {shown(images[n])}: {shown(errors[n])}", err=True)
     if errors:
         sys.exit(1)
+
+
+def _is_id(text: str) -> bool:
+    """Whether ``similar`` takes ``text`` as an image id: ASCII digits only (Python's int()
+    would also read other scripts' digits)."""
+    return text.isascii() and text.isdigit()
 
 
 def _print_hits(
@@ -1035,9 +1046,11 @@ def duplicates(
 
         writer = csv.writer(sys.stdout, lineterminator="\n")  # a line as other output is
         writer.writerow(["group", "id", "path"])
+        # Exact names for a file or a pipe; on a terminal, shown safely like everything else.
+        name = shown if sys.stdout.isatty() else str
         for number, group in enumerate(groups, start=1):
             for image_id, path in zip(group.ids, group.paths, strict=True):
-                writer.writerow([number, image_id, path])
+                writer.writerow([number, image_id, name(path)])
         return
     kind = "distance" if metric == "l2" else "similarity"
     comparison = "<=" if metric == "l2" else ">="
@@ -1441,13 +1454,13 @@ def train(
         top = max(report.history, key=lambda e: e["mAP_l2"])
         click.echo(
             f"mAP (l2) {first['mAP_l2']:.4f} at step {first['step']} -> {top['mAP_l2']:.4f} at "
-            f"step {top['step']} (the weights in {out})."
+            f"step {top['step']} (the weights in {shown(str(out))})."
         )
     if not report.last.exists():
         click.echo("Nothing was saved: interrupted before the first checkpoint.")
     else:
-        click.echo(f"Weights: {out}; resumable state: {report.last}.")
-        click.echo(f"Use them: imgindex build FOLDER --weights {out}")
+        click.echo(f"Weights: {shown(str(out))}; resumable state: {shown(str(report.last))}.")
+        click.echo(f"Use them: imgindex build FOLDER --weights {shown(str(out))}")
     if report.stopped_by == "interrupt":
         sys.exit(130)
 

@@ -98,8 +98,14 @@ def read_file(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[bytes, 
             st = os.fstat(fh.fileno())
             if st.st_size == 0:
                 raise ImageError(name, "empty file (0 bytes)")
-            check_pixel_count(_read_header(fh, name), name, max_pixels)
             limit = plausible_file_size(max_pixels)
+            budget = HEADER_BYTES
+            if _reads_whole_file_to_open(fh.read(16)):
+                if st.st_size > limit:
+                    raise _too_large(name, st.st_size, max_pixels)
+                budget = limit + 1
+            fh.seek(0)
+            check_pixel_count(_read_header(fh, name, budget), name, max_pixels)
             if st.st_size > limit:
                 raise _too_large(name, st.st_size, max_pixels)
             fh.seek(0)
@@ -132,8 +138,8 @@ def _too_large(name: str, size: int, max_pixels: int) -> ImageError:
     return ImageError(
         name,
         f"file of {size / 1e9:.1f} GB: larger than an image of at most {max_pixels / 1e6:.1f} "
-        "MP can plausibly be, refused from its header (a video or an archive named as an "
-        "image?); raise --max-pixels to read it",
+        "MP can plausibly be, refused unread (a video or an archive named as an image?); "
+        "raise --max-pixels to read it anyway",
     )
 
 
@@ -170,15 +176,21 @@ class _HeaderTooLarge(Exception):
     pass
 
 
-def _read_header(fh: Any, name: str) -> tuple[int, int]:
+def _reads_whole_file_to_open(head: bytes) -> bool:
+    """Whether Pillow reads the whole file just to open it (WebP: libwebp parses it whole),
+    so that its header cannot be read apart: its size is capped before it is opened."""
+    return head[:4] == b"RIFF" and head[8:12] == b"WEBP"
+
+
+def _read_header(fh: Any, name: str, budget: int = HEADER_BYTES) -> tuple[int, int]:
     """The pixel size an image file's header claims, parsed from the open file ``fh`` reading
-    at most HEADER_BYTES. Raises ImageError for what is not an image Pillow can read."""
+    at most ``budget`` bytes. Raises ImageError for what is not an image Pillow can read."""
     try:
-        with Image.open(io.BufferedReader(_Budget(fh, HEADER_BYTES))) as im:
+        with Image.open(io.BufferedReader(_Budget(fh, budget))) as im:
             return im.size
     except _HeaderTooLarge:
         raise ImageError(
-            name, f"an image header of more than {HEADER_BYTES >> 20} MB: refused unread"
+            name, f"an image header of more than {budget >> 20} MB: refused unread"
         ) from None
     except Exception as exc:
         raise _header_error(name, exc) from None

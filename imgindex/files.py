@@ -72,7 +72,9 @@ def resolve_roots(roots: Iterable[str | os.PathLike[str]]) -> tuple[list[Path], 
             if real not in kept:
                 kept.append(real)
             continue
-        if cover == real:
+        if cover == real and str(cover) == os.fsdecode(os.path.abspath(name)):
+            notes.append(f"{cover} is given twice: walked once")
+        elif cover == real:
             notes.append(f"{os.fsdecode(name)} is {cover}, given already: walked once")
         else:
             notes.append(f"{os.fsdecode(name)} lies in {cover}: walked as part of it")

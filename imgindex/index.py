@@ -113,7 +113,7 @@ class Index:
                 )  # fmt: skip
             except IndexExistsError:
                 pass  # another process created it meanwhile: open theirs
-        store = Store.open(path, writable=create or private)
+        store = Store.open(path, writable=create or private, wait=wait)
         if private:
             store.make_private()
         return cls(store, vectorizer, **vectorizer_args)
@@ -296,9 +296,10 @@ class Index:
             # The model is loaded only if some file needs reading (not for an unchanged folder).
             if max_pixels is None:
                 max_pixels = self._vectorizer_args.get("max_pixels")
+            model = self._vectorizer or (lambda: self.vectorizer)  # loaded now, or when needed
             return ingest.build(
-                store, lambda: self.vectorizer, folders, progress, workers, max_pixels,
-                remove_missing, decode, retry_skipped,
+                store, model, folders, progress, workers, max_pixels, remove_missing, decode,
+                retry_skipped,
             )  # fmt: skip
         finally:
             store.unlock()

@@ -75,6 +75,9 @@ DAMAGED = (
 )
 FAISS_NAME = "vectors.faiss"
 LOCK_NAME = "write.lock"
+# How long opening an index of an older imgindex waits for the write lock to upgrade it (or for
+# another process to finish upgrading it): several commands may start at once on it.
+UPGRADE_WAIT = 30.0
 
 
 @dataclass(frozen=True)
@@ -264,12 +267,21 @@ class Store:
         return store
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str], writable: bool = False) -> Store:
+    def open(
+        cls, path: str | os.PathLike[str], writable: bool = False, wait: float = UPGRADE_WAIT
+    ) -> Store:
         """Open an existing index folder; raises IndexNotFoundError when there is none.
 
         An index made by an older imgindex is upgraded in place (its migrations applied under
-        the write lock), also when it is opened for reading, if its folder can be written."""
+        the write lock, waiting up to ``wait`` seconds, at least UPGRADE_WAIT, for another
+        writer or upgrader), also when it is opened for reading, if its folder can be
+        written."""
         path = Path(path)
+        if path.is_dir():  # before anything opens the database, which writes SQLite's files
+            if writable:
+                check_folder_for_writing(path)
+            else:
+                check_index_files(path, (DB_NAME + "-wal", DB_NAME + "-shm"))
         state = database_state(path)
         if state in ("none", "unfinished"):
             unfinished = " (only an unfinished one, whose creation was interrupted)"
@@ -279,20 +291,14 @@ class Store:
             )
         if state == "foreign":
             raise IncompatibleIndexError(f"{path}: {DB_NAME} is not an imgindex database")
-        if writable:
-            check_folder_for_writing(path)
         db = _connect(path / DB_NAME, read_only=not writable)
         try:
             pending = pending_migrations(db, path)
             if pending and not writable:
                 db.close()
-                return cls._open_upgraded(path)
+                return cls._open_upgraded(path, wait)
             if pending:
-                lock = _take_lock(path, 0.0, None)
-                try:  # (another process may have upgraded it meanwhile)
-                    apply_migrations(db, pending_migrations(db, path))
-                finally:
-                    lock.close()
+                _upgrade(db, path, wait)
             return cls(path, db, writable=writable)
         except sqlite3.DatabaseError as exc:
             db.close()
@@ -311,14 +317,14 @@ class Store:
             raise
 
     @classmethod
-    def _open_upgraded(cls, path: Path) -> Store:
+    def _open_upgraded(cls, path: Path, wait: float) -> Store:
         """A reader's way into an index of an older imgindex: upgrade it, then read it."""
         if not os.access(path, os.W_OK):
             raise IncompatibleIndexError(
                 f"{path}: made by an older imgindex; it is upgraded in place by the first "
                 "imgindex command run by someone who may write its folder (imgindex check, say)"
             )
-        cls.open(path, writable=True).close()
+        cls.open(path, writable=True, wait=wait).close()
         return cls.open(path)
 
     def make_private(self) -> None:
@@ -392,7 +398,11 @@ class Store:
         self._lock_fh = None
 
     def _temporary_files(self) -> list[Path]:
-        return sorted(self.path.glob(f".{FAISS_NAME}.*.tmp"))
+        """Temporary FAISS files a writer left (killed before renaming one into place). Only
+        files and links: anything else of that name is no file of ours (and no obstacle, the
+        names being unpredictable)."""
+        found = self.path.glob(f".{FAISS_NAME}.*.tmp")
+        return sorted(p for p in found if p.is_symlink() or p.is_file())
 
     # -- reading ----------------------------------------------------------------------------
 
@@ -715,8 +725,11 @@ class Store:
         file = self.path / FAISS_NAME
         if not file.exists():
             return None, None
-        for _attempt in range(2):  # a writer may save a new file meanwhile: look again once
-            candidates = self._faiss_candidates()
+        if not file.is_file():  # a pipe would block whoever reads it, for ever
+            return None, f"{FAISS_NAME} cannot be read: it is not a plain file"
+        for _attempt in range(5):  # a writer may save a new file meanwhile: look again
+            with self._snapshot():
+                candidates = self._faiss_candidates()
             for spec, digest in candidates:
                 if digest is not None and ann.FileDigest.of_file(file, digest.size) != digest:
                     continue
@@ -803,8 +816,8 @@ class Store:
             raise ImgIndexError(
                 f"{self.path}: could not save {FAISS_NAME} ({_describe(exc)}); the index keeps "
                 f"its {self.count()} images in {DB_NAME}, and the FAISS index is rebuilt from "
-                "them in memory when it is opened (imgindex repair writes the file once there "
-                "is room)"
+                "them in memory when it is opened (once the cause is fixed, a full disk say, "
+                "imgindex repair writes the file)"
             ) from None
         self._dirty = False
         self._last_save = time.monotonic()
@@ -819,6 +832,7 @@ class Store:
         temp, digest = self.vector_index.write_temporary(target)
         try:
             with self._writing():
+                self._settle_interrupted_save()
                 self._set_meta("index_writing", spec)
                 self._set_meta("faiss_writing", json.dumps(digest.as_dict()))
             os.replace(temp, target)
@@ -830,6 +844,21 @@ class Store:
             self._set_meta("index_built", spec)
             self._set_meta("faiss_file", json.dumps(digest.as_dict()))
             self.db.execute("DELETE FROM meta WHERE key IN ('index_writing', 'faiss_writing')")
+
+    def _settle_interrupted_save(self) -> None:
+        """A save killed between recording and renaming left its record (``faiss_writing``):
+        before it is replaced by this save's, make the record say what the file in place is.
+        If that file is the one the killed save renamed, it becomes the recorded file;
+        otherwise the rename never happened and the record goes. (Only after a kill, so the
+        file is read to tell, once.)"""
+        writing = self.meta("faiss_writing", "")
+        if not writing:
+            return
+        digest = ann.FileDigest.from_dict(json.loads(writing))
+        if ann.FileDigest.of_file(self.path / FAISS_NAME, digest.size) == digest:
+            self._set_meta("faiss_file", writing)
+            self._set_meta("index_built", self.meta("index_writing"))
+        self.db.execute("DELETE FROM meta WHERE key IN ('index_writing', 'faiss_writing')")
 
     def save_vector_index_every(self, seconds: float) -> None:
         """Save the FAISS index if it changed and the last save is older than ``seconds``."""
@@ -1171,7 +1200,7 @@ def disk_usage(path: Path) -> dict[str, int]:
 # Files in the index folder are opened without following a symbolic link in their place: a
 # link planted there must not make imgindex write through it to a file elsewhere.
 NOFOLLOW = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
-OTHER_OWNER_ENV = "IMGINDEX_ALLOW_OTHER_OWNER"
+TRUST_ENV = "IMGINDEX_TRUST_FOLDER"
 
 
 def make_folder(path: Path, private: bool) -> None:
@@ -1187,31 +1216,81 @@ def make_folder(path: Path, private: bool) -> None:
         private = existing.stat().st_mode & 0o077 == 0
     for folder in reversed(missing):
         with contextlib.suppress(FileExistsError):  # made by another process meanwhile
-            folder.mkdir(mode=0o700 if private else 0o777)
+            # Never writable by others, whatever the umask (see check_folder_for_writing).
+            folder.mkdir(mode=0o700 if private else 0o775)
 
 
 def check_folder_for_writing(path: Path) -> None:
     """Refuse to write into an index folder that this user cannot write, that another user
-    owns (they could plant links in it; ``$IMGINDEX_ALLOW_OTHER_OWNER=1`` allows it), or whose
-    database files are symbolic links (SQLite would write through them)."""
+    owns or that anyone may write (either could plant links in it; ``$IMGINDEX_TRUST_FOLDER=1``
+    allows it), or where imgindex's own files are not plain files of their own (links, hard
+    links, folders, pipes: SQLite would write through them, or block on them)."""
     if not os.access(path, os.W_OK):
         raise ImgIndexError(
             f"{path}: the index folder cannot be written (permissions, or a read-only "
             "mount); commands that only read it still work"
         )
-    owner = path.stat().st_uid
-    if owner != os.geteuid() and os.environ.get(OTHER_OWNER_ENV) != "1":
+    st = path.stat()
+    trusted = os.environ.get(TRUST_ENV) == "1"
+    how = (
+        "imgindex writes only into folders its user owns and others cannot write (set "
+        f"{TRUST_ENV}=1 to write there anyway)"
+    )
+    if st.st_uid != os.geteuid() and not trusted:
         raise ImgIndexError(
-            f"{path}: the index folder belongs to another user (uid {owner}), who could plant "
-            "links in it for imgindex to write through; imgindex writes only into its own "
-            f"user's folders (set {OTHER_OWNER_ENV}=1 to write there anyway)"
+            f"{path}: the index folder belongs to another user (uid {st.st_uid}), who could "
+            f"plant links in it for imgindex to write through; {how}"
         )
-    for name in (DB_NAME, DB_NAME + "-wal", DB_NAME + "-shm", FAISS_NAME, LOCK_NAME):
-        if (path / name).is_symlink():
-            raise ImgIndexError(
-                f"{path / name}: a symbolic link where imgindex keeps its own file; refusing "
-                "to write through it (remove it if you did not make it)"
-            )
+    if st.st_mode & stat.S_IWOTH and not st.st_mode & stat.S_ISVTX and not trusted:
+        raise ImgIndexError(
+            f"{path}: anyone may write the index folder (mode {stat.S_IMODE(st.st_mode):o}) and "
+            f"plant links in it for imgindex to write through; make it yours alone (chmod o-w "
+            f"FOLDER), or: {how}"
+        )
+    check_index_files(path, (DB_NAME, DB_NAME + "-wal", DB_NAME + "-shm", FAISS_NAME, LOCK_NAME))
+
+
+def check_index_files(path: Path, names: Sequence[str]) -> None:
+    """Refuse if any of the files ``names`` in the index folder exists as something other than
+    a plain file with one name (readers check SQLite's shared files: SQLite writes them)."""
+    for name in names:
+        file = path / name
+        try:
+            st = os.lstat(file)
+        except FileNotFoundError:
+            continue
+        if stat.S_ISLNK(st.st_mode):
+            what = "a symbolic link"
+        elif not stat.S_ISREG(st.st_mode):
+            what = "not a plain file (a folder, a pipe or a device)"
+        elif st.st_nlink > 1:
+            what = "a hard link shared with another file (copied with `cp -al`?)"
+        else:
+            continue
+        raise ImgIndexError(
+            f"{file}: {what} where imgindex keeps its own file; refusing to write through it "
+            "(remove it if you did not make it; copy index folders with `cp -a`)"
+        )
+
+
+def _upgrade(db: Any, path: Path, wait: float) -> None:
+    """Apply the migrations ``db`` lacks under the write lock, waiting for it; should another
+    process upgrade the index meanwhile, there is nothing left to do."""
+    deadline = time.monotonic() + max(wait, UPGRADE_WAIT)
+    while True:
+        try:
+            lock = _take_lock(path, 0.0, None)
+            break
+        except IndexLockedError:
+            if not pending_migrations(db, path):
+                return  # upgraded by whoever holds the lock
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.1)
+    try:
+        apply_migrations(db, pending_migrations(db, path))  # (it may be done meanwhile)
+    finally:
+        lock.close()
 
 
 def _take_lock(path: Path, wait: float, on_wait: Any) -> Any:

@@ -10,6 +10,7 @@ import json
 import os
 import sqlite3
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -257,17 +258,14 @@ def test_a_damaged_vector_the_faiss_file_lacks_is_removed_and_embedded_again(tmp
         )
 
 
-def test_an_older_index_is_upgraded_in_place_without_reusing_ids(tmp_path):
-    """An index made before the checksums and byte keys (schema m001 only) is migrated when
-    opened: rows, ids and vectors kept, checksums filled in, and the id counter goes on from
-    where it was, also past images removed before the upgrade."""
+def make_old_index(tmp_path: Path) -> Path:
+    """An index as imgindex with only migration m001 made it: ids 1..5, the last two
+    removed, no checksums, no FAISS file."""
     from imgindex.schema import MIGRATIONS, apply_migrations
 
     folder = tmp_path / "idx"
     store = saved_store(tmp_path, n=5)
     store.close()
-    # Rebuild the database as imgindex with only m001 would have made it, ids 1..5 of which
-    # the last two were removed.
     old = folder / "old.db"
     db = imgindex.store._connect(old)
     apply_migrations(db, MIGRATIONS[:1])
@@ -287,7 +285,16 @@ def test_an_older_index_is_upgraded_in_place_without_reusing_ids(tmp_path):
     for name in (DB_NAME, DB_NAME + "-wal", DB_NAME + "-shm", FAISS_NAME):
         (folder / name).unlink(missing_ok=True)
     os.replace(old, folder / DB_NAME)
+    return folder
 
+
+def test_an_older_index_is_upgraded_in_place_without_reusing_ids(tmp_path):
+    """An index made before the checksums and byte keys (schema m001 only) is migrated when
+    opened: rows, ids and vectors kept, checksums filled in, and the id counter goes on from
+    where it was, also past images removed before the upgrade."""
+    from imgindex.schema import MIGRATIONS
+
+    folder = make_old_index(tmp_path)
     reader = Store.open(folder)  # a reader upgrades it: the folder may be written
     assert reader.count() == 3 and reader.check(check_files=False).problems == []
     np.testing.assert_array_equal(reader.vectors([1, 3]), vectors(5)[[0, 2]])
@@ -298,6 +305,81 @@ def test_an_older_index_is_upgraded_in_place_without_reusing_ids(tmp_path):
     assert new_id == 6  # not 4: ids 4 and 5 were used before the upgrade
     names = {r[0] for r in store.db.execute("SELECT name FROM _migrations")}
     assert names == {name for name, _ in MIGRATIONS}
+    store.close()
+
+
+def test_an_older_index_opened_by_several_processes_at_once_is_upgraded_once(tmp_path):
+    """The upgrade takes the write lock; a second opener waits for it (or for the other's
+    upgrade) instead of failing with "another imgindex process is writing"."""
+    import threading
+
+    folder = make_old_index(tmp_path)
+    held = imgindex.store._take_lock(folder, 0.0, None)  # as another process upgrading it
+    threading.Timer(1.0, held.close).start()
+    reader = Store.open(folder)  # waits for the lock, then upgrades
+    assert reader.count() == 3
+    reader.close()
+    shared = make_old_index(tmp_path / "shared")
+    opener = "import sys; from imgindex.store import Store; Store.open(sys.argv[1]).close()"
+    openers = [
+        subprocess.Popen([sys.executable, "-c", opener, str(shared)], stderr=subprocess.PIPE)
+        for _ in range(3)
+    ]  # three processes open it at once: one upgrades it, the others wait
+    for child in openers:
+        assert child.wait(timeout=60) == 0, child.stderr.read()
+
+
+def test_two_interrupted_saves_in_a_row_leave_a_file_the_index_recognises(tmp_path, monkeypatch):
+    """A save killed after its rename leaves the file recorded only as being written; the next
+    save, killed before its rename, used to overwrite that record: the file in place matched
+    no record, and check called it damaged."""
+
+    def die(*args):
+        raise SystemExit("killed")
+
+    store = saved_store(tmp_path)
+    store.write_batch(images(2, start=10), vectors(2, seed=1))
+    monkeypatch.setattr(imgindex.store, "_fsync_folder", die)  # killed after the rename
+    with pytest.raises(SystemExit):
+        store.save_vector_index()
+    monkeypatch.undo()
+    store.close()
+    store = Store.open(tmp_path / "idx", writable=True)
+    store.lock()
+    store.write_batch(images(2, start=20), vectors(2, seed=2))
+    monkeypatch.setattr(imgindex.store.os, "replace", die)  # killed before the rename
+    with pytest.raises(SystemExit):
+        store.save_vector_index()
+    monkeypatch.undo()
+    store.unlock()
+    store.db.close()
+    reopened = Store.open(tmp_path / "idx")
+    assert reopened.vector_index.base.ntotal == 6  # the renamed file, recognised
+    assert reopened.count() == 8 and reopened.check(check_files=False).problems == []
+
+
+def test_a_reader_does_not_call_a_file_damaged_that_writers_replace_while_it_looks(
+    tmp_path, monkeypatch
+):
+    store = saved_store(tmp_path)
+    real_digest = imgindex.ann.FileDigest.of_file
+    saves = {"n": 0}
+
+    def digest_while_a_writer_saves(path, expected_size=None):
+        if saves["n"] < 3:  # a new file lands between reading the record and the file
+            saves["n"] += 1
+            store.write_batch(images(1, start=100 + saves["n"]), vectors(1, seed=saves["n"]))
+            store.save_vector_index()
+        return real_digest(path, expected_size)
+
+    monkeypatch.setattr(
+        imgindex.ann.FileDigest, "of_file", staticmethod(digest_while_a_writer_saves)
+    )
+    reader = Store.open(tmp_path / "idx")
+    monkeypatch.undo()
+    assert reader.vector_index.base is not None and not reader._dirty  # the file was used
+    assert reader.count() == 7 and reader.check(check_files=False).problems == []
+    reader.close()
     store.close()
 
 

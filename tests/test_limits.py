@@ -78,7 +78,7 @@ def test_a_build_beside_huge_files_stays_small(tmp_path):
     report = json.loads(done.stdout)
     reasons = {Path(s["path"]).name: s["reason"] for s in report["skipped"]}
     assert "not an image" in reasons["big.jpg"]
-    assert "refused from its header" in reasons["video.jpg"]
+    assert "refused unread" in reasons["video.jpg"]
     assert report["added"] == 1
 
 

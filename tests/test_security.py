@@ -44,10 +44,12 @@ def test_a_lock_file_that_is_a_hard_link_is_refused(tmp_path):
     victim.write_text("mine")
     (tmp_path / "idx" / LOCK_NAME).unlink()
     os.link(victim, tmp_path / "idx" / LOCK_NAME)
-    store = Store.open(tmp_path / "idx", writable=True)
     with pytest.raises(ImgIndexError, match="hard link"):
-        store.lock()
-    store.close()
+        Store.open(tmp_path / "idx", writable=True)
+    reader = Store.open(tmp_path / "idx")
+    with pytest.raises(ImgIndexError, match="hard link"):
+        reader.lock()  # the lock itself refuses it too
+    reader.close()
     assert victim.read_text() == "mine"
 
 
@@ -93,11 +95,11 @@ def test_an_index_folder_of_another_user_is_not_written_unless_asked(tmp_path, m
     monkeypatch.setattr(os, "geteuid", lambda: owner + 1)  # as if someone else ran imgindex
     with pytest.raises(ImgIndexError, match="belongs to another user") as refused:
         Store.open(tmp_path / "idx", writable=True)
-    assert "IMGINDEX_ALLOW_OTHER_OWNER=1" in str(refused.value)
+    assert "IMGINDEX_TRUST_FOLDER=1" in str(refused.value)
     with pytest.raises(ImgIndexError, match="belongs to another user"):
         Store.create(tmp_path / "idx" / "..", FINGERPRINT)
     Store.open(tmp_path / "idx").close()  # reading it is fine
-    monkeypatch.setenv("IMGINDEX_ALLOW_OTHER_OWNER", "1")
+    monkeypatch.setenv("IMGINDEX_TRUST_FOLDER", "1")
     Store.open(tmp_path / "idx", writable=True).close()
 
 
@@ -184,3 +186,110 @@ def test_private_index_folders(tmp_path, run):
         tmp_path / "api" / "idx", vectorizer=FakeVectorizer(device="cpu"), private=True
     ):
         assert mode(tmp_path / "api" / "idx") == 0o700
+
+
+# -- found by a second look (an audit of the fixes above) -----------------------------------------
+
+
+def test_hard_links_pipes_and_folders_among_the_index_files_are_refused(tmp_path):
+    Store.create(tmp_path / "idx", FINGERPRINT).close()
+    folder = tmp_path / "idx"
+    victim = tmp_path / "victim.txt"
+    for name in (DB_NAME + "-wal", DB_NAME + "-shm"):
+        victim.write_text("mine")
+        (folder / name).unlink(missing_ok=True)
+        os.link(victim, folder / name)
+        with pytest.raises(ImgIndexError, match="hard link"):
+            Store.open(folder, writable=True)
+        with pytest.raises(ImgIndexError, match="hard link"):
+            Store.open(folder)  # a reader too: SQLite writes its shared-memory file
+        (folder / name).unlink()
+        assert victim.read_text() == "mine"
+    os.mkdir(folder / FAISS_NAME)
+    with pytest.raises(ImgIndexError, match="not a plain file"):
+        Store.open(folder, writable=True)
+    os.rmdir(folder / FAISS_NAME)
+
+
+def test_a_pipe_named_like_the_faiss_file_does_not_hang_a_reader(tmp_path):
+    import subprocess
+    import sys
+
+    from .conftest import ROOT
+
+    random_image(tmp_path / "pics" / "a.png")
+    index = tmp_path / "idx"
+    helper = [sys.executable, "-m", "tests.crash_helper", "none", "0", "--"]
+    subprocess.run([*helper, "build", str(tmp_path / "pics"), "--index", str(index)],
+                   cwd=ROOT, check=True, capture_output=True)  # fmt: skip
+    (index / FAISS_NAME).unlink()
+    os.mkfifo(index / FAISS_NAME)
+    for command in (["info"], ["similar", "1"], ["check"]):
+        done = subprocess.run([*helper, *command, "--index", str(index)], cwd=ROOT,
+                              capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert "Traceback" not in done.stderr
+    assert "not a plain file" in done.stdout  # check says what the file is
+
+
+def test_a_folder_named_like_a_temporary_file_does_not_stop_writers(tmp_path):
+    store = Store.create(tmp_path / "idx", FINGERPRINT)
+    store.close()
+    os.mkdir(tmp_path / "idx" / f".{FAISS_NAME}.deadbeef.tmp")
+    store = Store.open(tmp_path / "idx", writable=True)
+    store.lock()  # used to fail: "Is a directory", for every writer
+    store.save_vector_index(force=True)
+    assert store.check(check_files=False).warnings == []  # nor is it a leftover of ours
+    store.close()
+
+
+def test_a_folder_anyone_may_write_is_refused_and_ours_never_are(tmp_path, run):
+    random_image(tmp_path / "pics" / "a.png")
+    old = os.umask(0)
+    try:
+        run("build", tmp_path / "pics", "--index", tmp_path / "new" / "idx")
+        assert mode(tmp_path / "new" / "idx") & 0o002 == 0  # not world-writable, umask 000
+        os.chmod(tmp_path / "new" / "idx", 0o777)
+        refused = run("build", tmp_path / "pics", "--index", tmp_path / "new" / "idx", ok=False)
+        assert refused.exit_code == 1 and "anyone may write the index folder" in refused.stderr
+    finally:
+        os.umask(old)
+
+
+def test_undecodable_bytes_of_a_name_are_shown_escaped(run, tmp_path):
+    """A name that is not UTF-8 comes from the command line as lone surrogates, which would be
+    printed as the raw bytes again: 0x9b is an 8-bit CSI."""
+    random_image(tmp_path / "pics" / "a.png")
+    name = os.path.join(os.fsencode(tmp_path / "pics"), b"c1\x9b2J.png")
+    with open(name, "wb") as fh:
+        fh.write((tmp_path / "pics" / "a.png").read_bytes())
+    index = tmp_path / "idx"
+    run("build", tmp_path / "pics", "--index", index)
+    query = run("query", os.fsdecode(name), "--index", index)
+    assert "c1\\x9b2J.png" in query.stdout and "\udc9b" not in query.stdout
+    assert "\x9b" not in query.stdout_bytes.decode("utf-8", "replace")
+    digits = run("similar", "\u0661", "--index", index, ok=False)  # Arabic-Indic one: no id
+    assert "not in the index" in digits.stderr
+
+
+def test_csv_on_a_terminal_is_escaped(tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    from .conftest import ROOT
+
+    if shutil.which("script") is None:
+        pytest.skip("no `script` to give the command a terminal")
+    random_image(tmp_path / "pics" / "a\x1b[2J.png", seed=1)
+    (tmp_path / "pics" / "b.png").write_bytes((tmp_path / "pics" / "a\x1b[2J.png").read_bytes())
+    index = tmp_path / "idx"
+    helper = [sys.executable, "-m", "tests.crash_helper", "none", "0", "--"]
+    subprocess.run([*helper, "build", str(tmp_path / "pics"), "--index", str(index)],
+                   cwd=ROOT, check=True, capture_output=True)  # fmt: skip
+    command = " ".join([*helper, "duplicates", "--csv", "--index", str(index)])
+    on_terminal = subprocess.run(["script", "-qc", command, "/dev/null"], cwd=ROOT,
+                                 capture_output=True, timeout=60).stdout  # fmt: skip
+    assert b"\x1b" not in on_terminal and b"a\\x1b[2J.png" in on_terminal
+    piped = subprocess.run([*helper, "duplicates", "--csv", "--index", str(index)], cwd=ROOT,
+                           capture_output=True, timeout=60).stdout  # fmt: skip
+    assert b"a\x1b[2J.png" in piped  # exact for a file or a pipe
