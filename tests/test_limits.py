@@ -198,3 +198,19 @@ def test_cli_training_on_a_cpu_says_what_a_step_costs(tmp_path, run):
                  "--arch", "resnet18", "--init", "scratch", "--device", "cpu")  # fmt: skip
     assert "Each step: 6 images x 4 views of 96 pixels, about 1.2 GB of memory." in result.stderr
     assert "The first step took" in result.stderr and "peak memory so far" in result.stderr
+
+
+def test_webp_larger_than_the_header_budget_is_read(tmp_path, monkeypatch):
+    """Pillow reads a WebP file whole to open it, so its size is capped instead of its header
+    (a 36 MB lossless WebP was refused as "an image header of more than 32 MB")."""
+    import numpy as np
+
+    monkeypatch.setattr(imgindex.decode, "HEADER_BYTES", 4096)
+    pixels = np.random.default_rng(0).integers(0, 256, (200, 300, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "big.webp", lossless=True)
+    assert (tmp_path / "big.webp").stat().st_size > 4096
+    data, _ = imgindex.decode.read_file(tmp_path / "big.webp")
+    assert len(data) == (tmp_path / "big.webp").stat().st_size
+    sparse(tmp_path / "huge.webp", 4 << 30, (tmp_path / "big.webp").read_bytes()[:30])
+    with pytest.raises(ImageError, match="refused unread"):
+        imgindex.decode.read_file(tmp_path / "huge.webp")
