@@ -14,7 +14,7 @@ DEMO_INDEX := .demo-index
 # "imgsim requires opencv-python, which is not installed"; that is expected.)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test,serve]'
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps imgsim==0.1.2
 	touch $(STAMP)
 

@@ -823,6 +823,41 @@ def _warn_if_missing(under: Path | None) -> None:
         )
 
 
+def example_options(kind: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """--like / --unlike (``kind``: what an example is) and --sheet."""
+
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        for option in reversed(
+            [
+                click.option(
+                    "--like",
+                    "like",
+                    multiple=True,
+                    help=f"Another example to be like ({kind}; repeatable): one query combined "
+                    "from all of them and IMAGES.",
+                ),
+                click.option(
+                    "--unlike",
+                    "unlike",
+                    multiple=True,
+                    help=f"An example to be unlike ({kind}; repeatable). The combined query is "
+                    "(1 + w) mean(like) - w mean(unlike), w = 0.5 (see the README).",
+                ),
+                click.option(
+                    "--sheet",
+                    type=click.Path(path_type=Path, dir_okay=False),
+                    help="Also write the answer as a contact sheet (JPEG or PNG): the query, "
+                    "then each result with rank, score and file name. Several queries: "
+                    "SHEET-1.jpg, SHEET-2.jpg, ...",
+                ),
+            ]
+        ):
+            fn = option(fn)
+        return fn
+
+    return decorate
+
+
 def _search_kwargs(options: dict[str, Any]) -> dict[str, Any]:
     """The library's search options from the command's; warns of an --under that names
     nothing on disk (a typo would otherwise just give no results)."""
@@ -844,6 +879,7 @@ def _search_kwargs(options: dict[str, Any]) -> dict[str, Any]:
 @max_pixels_option
 @metric_option
 @search_options
+@example_options("an image file")
 @verbose_option
 @json_option
 @user_errors
@@ -856,31 +892,122 @@ def query(
     max_pixels: int | None,
     verbose: bool,
     as_json: bool,
+    like: tuple[str, ...],
+    unlike: tuple[str, ...],
+    sheet: Path | None,
     **options: Any,
 ) -> None:
-    """Show the K indexed images most similar to each of IMAGES."""
+    """Show the K indexed images most similar to each of IMAGES.
+
+    With --like / --unlike (more image files), one query is made of them all: images like
+    IMAGES and the --like ones, and unlike the --unlike ones.
+    """
     search = _search_kwargs(options)
     timer = StageTimer(verbose)
     model = {"weights": weights, "device": device, "precision": precision, "max_pixels": max_pixels}
+    combined = bool(like or unlike)
+    examples = [*images, *(Path(p) for p in like), *(Path(p) for p in unlike)]
+    if combined:
+        _require_existing(examples, "--like/--unlike")
     with _open_index(index_path, **model) as index:
         timer.done("open index")
         index.vectorizer  # noqa: B018 - load the model now, so its time is reported apart
         timer.done("load model")
-        vectors, failed = _embed_each(index.vectorizer, images)
-        timer.done(f"embed {len(images)} image(s)")
-        hits = index.search_by_vector(vectors, **search) if len(vectors) else []
+        asked = examples if combined else list(images)
+        vectors, failed = _embed_each(index.vectorizer, asked)
+        timer.done(f"embed {len(asked)} image(s)")
+        if combined and failed:
+            for n in sorted(failed):
+                click.echo(f"Error: {shown(str(failed[n]))}", err=True)
+            raise ImgIndexError("an example could not be read: no combined query was made")
+        if combined:
+            from imgindex.search import combine_examples
+
+            positives = len(images) + len(like)
+            vectors = combine_examples(vectors[:positives], vectors[positives:], search["metric"])
+        hits = index.search_by_vector(vectors[None, :] if combined else vectors, **search) \
+            if len(vectors) else []  # fmt: skip
         timer.done("search")
         total = index.count()
+        sheets = []
+        if sheet is not None:
+            queries = [examples[0]] if combined else [images[n] for n in range(len(images))
+                                                       if n not in failed]  # fmt: skip
+            sheets = _write_sheets(sheet, index, queries, hits, search["metric"])
+    if combined:
+        names = [path_text(os.path.abspath(p)) for p in examples]
+        positive, negative = names[: len(images) + len(like)], names[len(images) + len(like) :]
+        _print_combined(positive, negative, hits, total, search["metric"], as_json)
+        _say_written(sheets)
+        return
     good = [n for n in range(len(images)) if n not in failed]
     queries = [path_text(os.path.abspath(images[n])) for n in good]
     errors = {n: {"query": path_text(os.path.abspath(images[n])), "error": failed[n].reason}
               for n in failed}  # fmt: skip
     labels = [shown(str(images[n])) for n in good]
     _print_hits(queries, labels, hits, total, search["metric"], as_json, errors)
+    _say_written(sheets)
     for n in sorted(failed):
         click.echo(f"Error: {shown(str(failed[n]))}", err=True)
     if failed:
         sys.exit(1)
+
+
+def _say_written(sheets: list[Path]) -> None:
+    for sheet in sheets:
+        click.echo(f"Wrote the contact sheet {shown(str(sheet))}", err=True)
+
+
+def _print_combined(
+    like: list[str], unlike: list[str], hits: list[Any], total: int, metric: str, as_json: bool
+) -> None:
+    """The answer to one query combined from examples, named ``like a.jpg, b.jpg; unlike
+    c.jpg`` (in JSON, with the lists of examples as ``like`` and ``unlike``)."""
+
+    def name(show: Callable[[str], str]) -> str:
+        text = "like " + ", ".join(show(p) for p in like)
+        return text + ("; unlike " + ", ".join(show(p) for p in unlike) if unlike else "")
+
+    extra = [{"like": like, "unlike": unlike}]
+    _print_hits([name(str)], [name(display_path)], hits, total, metric, as_json, extra=extra)
+
+
+def _write_sheets(
+    path: Path, index: Any, queries: list[Any], hits: list[Any], metric: str
+) -> list[Path]:
+    """A contact sheet per answer (SHEET, or SHEET-1, SHEET-2, ... for several): the query's
+    picture (a file to read, or an indexed id), then each hit's thumbnail and labels. Returns
+    the files written."""
+    import io
+
+    from PIL import Image
+
+    from imgindex.sheet import Cell, save_sheet
+    from imgindex.thumbnails import render_file
+
+    def indexed(image_id: int) -> Any:
+        thumbnail = index.thumbnail(image_id)
+        return None if thumbnail.problem and thumbnail.content_type != "image/jpeg" \
+            else Image.open(io.BytesIO(thumbnail.data))  # fmt: skip
+
+    column = "distance" if metric == "l2" else "similarity"
+    written = []
+    for n, (query, found) in enumerate(zip(queries, hits, strict=True), start=1):
+        if isinstance(query, int):
+            picture, name = indexed(query), index.get(query).path
+        else:
+            try:
+                picture = render_file(query, 256, index.vectorizer.max_pixels)
+            except ImgIndexError:
+                picture = None
+            name = str(query)
+        cells = [Cell(picture, ["query", os.path.basename(name)], framed=True)]
+        cells += [Cell(indexed(h.id), [f"{h.rank}. {column} {h.score:.4f}",
+                                       os.path.basename(h.path)]) for h in found]  # fmt: skip
+        target = path if len(queries) == 1 else path.with_name(f"{path.stem}-{n}{path.suffix}")
+        save_sheet(target, cells)
+        written.append(target)
+    return written
 
 
 def _embed_each(vectorizer: Any, images: Sequence[Path]) -> tuple[Any, dict[int, ImageError]]:
@@ -906,6 +1033,7 @@ def _embed_each(vectorizer: Any, images: Sequence[Path]) -> tuple[Any, dict[int,
 @index_option
 @metric_option
 @search_options
+@example_options("an id or an indexed path")
 @verbose_option
 @json_option
 @user_errors
@@ -914,40 +1042,80 @@ def similar(
     index_path: Path | None,
     verbose: bool,
     as_json: bool,
+    like: tuple[str, ...],
+    unlike: tuple[str, ...],
+    sheet: Path | None,
     **options: Any,
 ) -> None:
     """Show the images most similar to indexed IMAGES, given by id or path.
 
     Uses their stored vectors (nothing is embedded, no model is loaded) and leaves each image
-    out of its own results.
+    out of its own results. With --like / --unlike (more indexed images), one query is made of
+    them all, leaving every example out of the results.
     """
     search = _search_kwargs(options)
     timer = StageTimer(verbose)
     with _open_index(index_path) as index:
         timer.done("open index")
-        found, keys, labels, errors = [], [], [], {}
+        if like or unlike:
+            _similar_combined(index, [*images, *like], list(unlike), search, as_json, sheet)
+            return
+        found, keys, labels, errors, ids = [], [], [], {}, []
         for n, image in enumerate(images):
-            try:
-                record = index.get(int(image)) if _is_id(image) else index.find(image)
-            except KeyError:
-                record = None
+            record = _indexed(index, image)
             if record is None:
                 # Named as given; the others are answered (as query does for unreadable images).
                 errors[n] = f"not in the index {index.path} (give an id or an indexed path)"
                 continue
             found.append(index.similar(record.id, **search))
+            ids.append(record.id)
             # Named as the index names it, in JSON as in the results; by id: with its path too.
             keys.append(record.path)
             text = display_path(record.path)
             labels.append(f"{shown(image)} ({text})" if _is_id(image) else text)
         timer.done("search")
         total = index.count()
+        sheets = _write_sheets(sheet, index, ids, found, search["metric"]) if sheet else []
     entries = {n: {"query": images[n], "error": reason} for n, reason in errors.items()}
     _print_hits(keys, labels, found, total, search["metric"], as_json, entries)
+    _say_written(sheets)
     for n in sorted(errors):
         click.echo(f"Error: {shown(images[n])}: {shown(errors[n])}", err=True)
     if errors:
         sys.exit(1)
+
+
+def _indexed(index: Any, image: str) -> Any:
+    """The record of an indexed image named by id (ASCII digits) or path, or None."""
+    try:
+        return index.get(int(image)) if _is_id(image) else index.find(image)
+    except KeyError:
+        return None
+
+
+def _similar_combined(
+    index: Any, like: list[str], unlike: list[str], search: dict[str, Any], as_json: bool,
+    sheet: Path | None,
+) -> None:  # fmt: skip
+    records = {name: _indexed(index, name) for name in [*like, *unlike]}
+    unknown = [name for name, record in records.items() if record is None]
+    if unknown:
+        raise ImgIndexError(
+            f"{', '.join(shown(n) for n in unknown)}: not in the index {index.path} (give ids "
+            "or indexed paths); no combined query was made"
+        )
+    options = {key: value for key, value in search.items() if key not in ("k", "metric")}
+    hits = index.search_like(
+        [records[n].id for n in like], [records[n].id for n in unlike], k=search["k"],
+        metric=search["metric"], **options,
+    )  # fmt: skip
+    sheets = []
+    if sheet is not None:
+        sheets = _write_sheets(sheet, index, [records[like[0]].id], [hits], search["metric"])
+    total = index.count()
+    like_paths, unlike_paths = [records[n].path for n in like], [records[n].path for n in unlike]
+    _print_combined(like_paths, unlike_paths, [hits], total, search["metric"], as_json)
+    _say_written(sheets)
 
 
 def _is_id(text: str) -> bool:
@@ -964,14 +1132,17 @@ def _print_hits(
     metric: str,
     as_json: bool,
     errors: dict[int, dict[str, str]] | None = None,
+    extra: list[dict[str, Any]] | None = None,
 ) -> None:
     """Results per query; ``errors`` are the entries, by position among all queries, of those
-    that could not be read (--json lists them in their place)."""
+    that could not be read (--json lists them in their place); ``extra``, more keys for each
+    query's JSON entry."""
     if as_json:
         entries = [
-            {"query": key, "metric": metric, "results": [h.as_dict() for h in found]}
-            for key, found in zip(keys, hits, strict=True)
-        ]
+            {"query": key, **(extra[n] if extra else {}), "metric": metric,
+             "results": [h.as_dict() for h in found]}
+            for n, (key, found) in enumerate(zip(keys, hits, strict=True))
+        ]  # fmt: skip
         for position in sorted(errors or {}):
             entries.insert(position, (errors or {})[position])
         print_json(entries)
@@ -1008,6 +1179,18 @@ def _print_hits(
     help="Approximate indexes: neighbours each image asks for.",
 )
 @click.option("--csv", "as_csv", is_flag=True, help="One line per image: group,id,path.")
+@click.option(
+    "--all",
+    "include_reviewed",
+    is_flag=True,
+    help="Also the groups already decided on (imgindex review), and images marked for removal.",
+)
+@click.option(
+    "--sheet",
+    "sheet_dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Also write a contact sheet of each group into this folder (group-001.jpg, ...).",
+)
 @json_option
 @user_errors
 def duplicates(
@@ -1017,10 +1200,16 @@ def duplicates(
     under: Path | None,
     neighbors: int,
     as_csv: bool,
+    include_reviewed: bool,
+    sheet_dir: Path | None,
     as_json: bool,
 ) -> None:
     """Find groups of near-identical images in the index (resized, recompressed, lightly
-    cropped copies), with the distances inside each group."""
+    cropped copies), with the distances inside each group.
+
+    Groups decided on with `imgindex review` (or on the web page) are not shown again; --all
+    shows them too.
+    """
     if threshold is None:
         threshold = DUPLICATE_THRESHOLDS[metric]
     from imgindex.duplicates import check_threshold
@@ -1031,7 +1220,10 @@ def duplicates(
         raise click.BadParameter(str(exc), param_hint="--threshold") from None
     _warn_if_missing(under)
     with _open_index(index_path) as index:
-        groups = index.duplicates(threshold, metric, under=under, neighbors=neighbors)
+        groups = index.duplicates(
+            threshold, metric, under=under, neighbors=neighbors, include_reviewed=include_reviewed
+        )
+        sheets = _group_sheets(index, groups, sheet_dir, metric) if sheet_dir else []
     if as_json:
         print_json(
             {
@@ -1058,17 +1250,212 @@ def duplicates(
     counts = f"{_count(len(groups), 'group')}, {_count(images, 'image')}"
     click.echo(f"{counts} ({kind} {comparison} {threshold:g})")
     for number, group in enumerate(groups, start=1):
-        click.echo(f"\nGroup {number}: {len(group.ids)} images")
+        decided = " (decided)" if group.reviewed else ""
+        click.echo(f"\nGroup {number}: {len(group.ids)} images{decided}")
         for image_id, path in zip(group.ids, group.paths, strict=True):
-            click.echo(f"  {image_id:>6}  {display_path(path)}")
+            mark = ""
+            if image_id in group.marked:
+                mark = f"  (marked for removal, keep {group.marked[image_id]})"
+            click.echo(f"  {image_id:>6}  {display_path(path)}{mark}")
         for a, b, value in group.pairs[:50]:
             click.echo(f"    {a} ~ {b}: {value:.4f}")
         if len(group.pairs) > 50:
             click.echo(f"    ... and {len(group.pairs) - 50} more pairs (--json lists all)")
+    if groups and not as_json:
+        click.echo(
+            "\nDecide on a group: imgindex review keep ID (the others are marked for removal) "
+            "or imgindex review different ID."
+        )
+    _say_written(sheets)
+
+
+def _group_sheets(index: Any, groups: list[Any], folder: Path, metric: str) -> list[Path]:
+    """A contact sheet per duplicate group: its images, each with its id and file name."""
+    import io
+
+    from PIL import Image
+
+    from imgindex.sheet import Cell, save_sheet
+
+    written = []
+    for number, group in enumerate(groups, start=1):
+        cells = []
+        for image_id, path in zip(group.ids, group.paths, strict=True):
+            thumbnail = index.thumbnail(image_id)
+            picture = Image.open(io.BytesIO(thumbnail.data)) if thumbnail.content_type == \
+                "image/jpeg" else None  # fmt: skip
+            cells.append(Cell(picture, [f"id {image_id}", os.path.basename(path)]))
+        written.append(save_sheet(folder / f"group-{number:03d}.jpg", cells))
+    return written
 
 
 # What the thresholds mean is measured by benchmarks/duplicates.py and shown in the README.
 DUPLICATE_THRESHOLDS = {"l2": 6.0, "cosine": 0.97}
+
+
+@cli.group()
+def review() -> None:
+    """Decide on duplicate groups; decisions are kept in the index.
+
+    \b
+    imgindex review keep 42             42's group: keep 42, mark the others for removal
+    imgindex review keep 42 57 61       the group 42, 57, 61: keep 42
+    imgindex review different 42        42's group is not duplicates
+    imgindex review undo 42             forget the decisions on 42 (its group comes back)
+    imgindex review list --csv          the files marked for removal, and what is kept
+    imgindex review move ~/to-delete    move those files there (nothing is deleted)
+
+    A group is the one `imgindex duplicates` shows with the same --threshold and --metric.
+    """
+
+
+def review_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    for option in reversed(
+        [
+            index_option,
+            click.option("--threshold", type=float, default=None,
+                         help="As for imgindex duplicates (default 6.0 l2, 0.97 cosine)."),
+            metric_option,
+            wait_option,
+            json_option,
+        ]
+    ):  # fmt: skip
+        fn = option(fn)
+    return fn
+
+
+def _group_of(index: Any, image: str, threshold: float | None, metric: str) -> list[int]:
+    """The ids of the undecided duplicate group that ``image`` (an id or a path) is in."""
+    record = _indexed(index, image)
+    if record is None:
+        raise ImgIndexError(f"{image}: not in the index {index.path} (give an id or a path)")
+    threshold = DUPLICATE_THRESHOLDS[metric] if threshold is None else threshold
+    for group in index.duplicates(threshold, metric):
+        if record.id in group.ids:
+            return group.ids
+    raise ImgIndexError(
+        f"{image} is in no undecided duplicate group at {metric} threshold {threshold:g} "
+        "(imgindex duplicates --all shows every group; or name the group's ids)"
+    )
+
+
+def _decide(images: tuple[str, ...], keep: bool, index_path: Path | None, threshold: float | None,
+            metric: str, wait: float, as_json: bool) -> None:  # fmt: skip
+    with _open_index(index_path) as index:
+        if len(images) == 1:
+            ids = _group_of(index, images[0], threshold, metric)
+        else:
+            records = [_indexed(index, image) for image in images]
+            unknown = [shown(i) for i, r in zip(images, records, strict=True) if r is None]
+            if unknown:
+                raise ImgIndexError(f"{', '.join(unknown)}: not in the index {index.path}")
+            ids = [r.id for r in records]
+        kept = _indexed(index, images[0]).id if keep else None
+        index.review_duplicates(ids, keep=kept, wait=wait, on_wait=_say_waiting)
+    if as_json:
+        print_json({"ids": sorted(ids), "keep": kept, "duplicates": keep})
+    elif keep:
+        others = [i for i in sorted(ids) if i != kept]
+        click.echo(
+            f"Kept {kept}; marked {_count(len(others), 'image')} for removal "
+            f"({', '.join(map(str, others))}). Files are not touched: imgindex review list / move."
+        )
+    else:
+        click.echo(f"Recorded {', '.join(map(str, sorted(ids)))} as not duplicates.")
+
+
+@review.command(name="keep")
+@click.argument("images", nargs=-1, required=True)
+@review_options
+@user_errors
+def review_keep(images: tuple[str, ...], **options: Any) -> None:
+    """Keep the first of IMAGES (an id or a path); the other members of its group (or the
+    other IMAGES given) are duplicates, marked for removal."""
+    _decide(images, True, **options)
+
+
+@review.command(name="different")
+@click.argument("images", nargs=-1, required=True)
+@review_options
+@user_errors
+def review_different(images: tuple[str, ...], **options: Any) -> None:
+    """Record the group of IMAGES (one image: its group) as not duplicates."""
+    _decide(images, False, **options)
+
+
+@review.command(name="undo")
+@click.argument("images", nargs=-1, required=True)
+@index_option
+@wait_option
+@json_option
+@user_errors
+def review_undo(images: tuple[str, ...], index_path: Path | None, wait: float,
+                as_json: bool) -> None:  # fmt: skip
+    """Forget the decisions on IMAGES: their groups are offered again."""
+    with _open_index(index_path) as index:
+        records = [_indexed(index, image) for image in images]
+        unknown = [shown(i) for i, r in zip(images, records, strict=True) if r is None]
+        if unknown:
+            raise ImgIndexError(f"{', '.join(unknown)}: not in the index {index.path}")
+        gone = index.forget_reviews([r.id for r in records], wait=wait, on_wait=_say_waiting)
+    if as_json:
+        print_json({"forgotten": gone})
+    else:
+        click.echo(f"Forgot {_count(gone, 'decision')}.")
+
+
+@review.command(name="list")
+@index_option
+@click.option("--csv", "as_csv", is_flag=True, help="CSV: id,path,keep_id,keep_path.")
+@json_option
+@user_errors
+def review_list(index_path: Path | None, as_csv: bool, as_json: bool) -> None:
+    """The files marked for removal, each with the one kept in its place."""
+    with _open_index(index_path) as index:
+        marked = index.marked_for_removal()
+    rows = [{"id": r.id, "path": r.path, "keep_id": k.id if k else None,
+             "keep_path": k.path if k else None} for r, k in marked]  # fmt: skip
+    if as_json:
+        print_json({"marked_for_removal": rows})
+        return
+    if as_csv:
+        import csv
+
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        writer.writerow(["id", "path", "keep_id", "keep_path"])
+        name = shown if sys.stdout.isatty() else str
+        for row in rows:
+            writer.writerow([row["id"], name(row["path"]), row["keep_id"],
+                             name(row["keep_path"] or "")])  # fmt: skip
+        return
+    if not rows:
+        click.echo("No files are marked for removal.")
+    for row in rows:
+        kept = f"keep {row['keep_id']} {display_path(row['keep_path'])}" if row["keep_id"] \
+            else "the one kept left the index"  # fmt: skip
+        click.echo(f"{row['id']:>6}  {display_path(row['path'])}  ({kept})")
+
+
+@review.command(name="move")
+@click.argument("folder", type=click.Path(path_type=Path, file_okay=False))
+@index_option
+@click.option("--dry-run", is_flag=True, help="Say what would be moved; move nothing.")
+@wait_option
+@json_option
+@user_errors
+def review_move(folder: Path, index_path: Path | None, dry_run: bool, wait: float,
+                as_json: bool) -> None:  # fmt: skip
+    """Move the files marked for removal into FOLDER (made if missing), to look at before you
+    delete them yourself; imgindex never deletes a file. Their index entries follow them."""
+    with _open_index(index_path) as index:
+        moves = index.move_marked(folder, dry_run=dry_run, wait=wait, on_wait=_say_waiting)
+    if as_json:
+        print_json({"dry_run": dry_run, "moved": [{"from": a, "to": b} for a, b in moves]})
+        return
+    verb = "Would move" if dry_run else "Moved"
+    click.echo(f"{verb} {_count(len(moves), 'file')} into {shown(str(folder))}.")
+    for source, target in moves:
+        click.echo(f"  {display_path(source)} -> {display_path(target)}")
 
 
 def _parse_ks(ctx: click.Context, param: click.Parameter, text: str) -> tuple[int, ...]:
@@ -1680,6 +2067,83 @@ def _open_index(index_path: Path | None, **kwargs: Any) -> Any:
             where = f"at the default location {path}"
         raise IndexNotFoundError(f"no index {where}; {hint}")
     return Index.open(path, **kwargs)
+
+
+@cli.command()
+@index_option
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on. Any but the loopback needs an access token.")  # fmt: skip
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@click.option(
+    "--token",
+    envvar="IMGINDEX_TOKEN",
+    show_envvar=True,
+    help="Access token required on every request (default: none on the loopback; generated "
+    "and printed for any other address).",
+)
+@click.option(
+    "--allow-host",
+    "allowed_hosts",
+    multiple=True,
+    help="Another name the server may be reached by (the Host header is checked against the "
+    "address it serves).",
+)
+@click.option(
+    "--max-upload-mb", default=50, show_default=True, type=click.IntRange(1),
+    help="Largest uploaded image.",
+)  # fmt: skip
+@click.option("--max-files", default=16, show_default=True, type=click.IntRange(1),
+              help="Images in one upload.")  # fmt: skip
+@max_pixels_option
+@model_options
+@user_errors
+def serve(
+    index_path: Path | None,
+    host: str,
+    port: int,
+    token: str | None,
+    allowed_hosts: tuple[str, ...],
+    max_upload_mb: int,
+    max_files: int,
+    max_pixels: int | None,
+    weights: Path | None,
+    device: str,
+    precision: str,
+) -> None:
+    """Start a local web page (and JSON API) on the index: search by image, browse, review
+    duplicates. Prints its URL; Ctrl-C stops it."""
+    try:
+        from imgindex.server import ServeSettings, new_token
+        from imgindex.server import serve as run_server
+    except ImportError as exc:
+        raise ImgIndexError(
+            f"the web app needs {exc.name}: pip install 'imgindex[serve]'"
+        ) from None
+    from imgindex.decode import DEFAULT_MAX_PIXELS
+
+    settings = ServeSettings(
+        host=host, port=port, token=token, allowed_hosts=allowed_hosts,
+        max_upload_bytes=max_upload_mb << 20, max_files=max_files,
+        max_pixels=max_pixels or DEFAULT_MAX_PIXELS,
+    )  # fmt: skip
+    if not settings.loopback and not settings.token:
+        settings.token = new_token()
+    model = {"weights": weights, "device": device, "precision": precision,
+             "max_pixels": settings.max_pixels}  # fmt: skip
+    with _open_index(index_path, **model) as index:
+        count = index.count()
+
+        def ready(url: str) -> None:
+            click.echo(f"Serving {shown(str(index.path))} ({_count(count, 'image')}) at {url}")
+            if not settings.loopback:
+                click.echo("Anyone who can reach this address needs the token in that URL.")
+            click.echo("Press Ctrl-C to stop.")
+
+        try:
+            run_server(index, settings, ready)
+        except OSError as exc:
+            raise ImgIndexError(f"cannot listen on {host}:{port} ({exc.strerror})") from None
+    click.echo("Stopped.")
 
 
 def main() -> None:

@@ -33,12 +33,23 @@ class DuplicateGroup:
     ids: list[int]
     pairs: list[tuple[int, int, float]] = field(default_factory=list)  # (id, id, score)
     paths: list[str] = field(default_factory=list)
+    # What a person decided (see Index.review_duplicates): members marked for removal -> the
+    # id kept in their place; whether every pair of the group has been decided.
+    marked: dict[int, int | None] = field(default_factory=dict)
+    reviewed: bool = False
 
     def as_dict(self) -> dict[str, Any]:
+        images = []
+        for image_id, path in zip(self.ids, self.paths, strict=True):
+            entry: dict[str, Any] = {"id": image_id, "path": path}
+            if image_id in self.marked:
+                entry.update(marked_for_removal=True, keep=self.marked[image_id])
+            images.append(entry)
         return {
             "size": len(self.ids),
-            "images": [{"id": i, "path": p} for i, p in zip(self.ids, self.paths, strict=True)],
+            "images": images,
             "pairs": [{"a": a, "b": b, "score": s} for a, b, s in self.pairs],
+            "reviewed": self.reviewed,
         }
 
 

@@ -12,6 +12,7 @@ pipeline, and exact L2 / cosine search.
 
 from __future__ import annotations
 
+import errno
 import functools
 import numbers
 import operator
@@ -24,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from imgindex import ann, ingest
+from imgindex.decode import DEFAULT_MAX_PIXELS
 from imgindex.duplicates import (
     DuplicateGroup,
     check_threshold,
@@ -34,8 +36,16 @@ from imgindex.duplicates import (
 from imgindex.errors import ImgIndexError, IncompatibleIndexError, IndexExistsError, WeightsError
 from imgindex.files import is_under, resolve
 from imgindex.model import PRESETS, Vectorizer, _split_batch, resolve_weights
-from imgindex.search import Hit, check_metric, rank_exactly
-from imgindex.store import CheckReport, ImageRecord, Store, database_state
+from imgindex.search import UNLIKE_WEIGHT, Hit, check_metric, combine_examples, rank_exactly
+from imgindex.store import (
+    CheckReport,
+    ImageRecord,
+    NewImage,
+    Store,
+    database_state,
+    path_text,
+)
+from imgindex.thumbnails import THUMBNAIL_SIZE, Thumbnail, ThumbnailCache
 
 INDEX_ENV = "IMGINDEX_INDEX"
 
@@ -79,6 +89,7 @@ class Index:
         _check_vectorizer_args(vectorizer_args)
         self._lock = threading.RLock()
         self._closed = False
+        self._thumbnails: dict[int, ThumbnailCache] = {}
         self._store = store
         self._vectorizer = vectorizer
         self._vectorizer_args = vectorizer_args
@@ -401,10 +412,11 @@ class Index:
 
     def _writable_store(self) -> Store:
         if not self._store.writable:
-            # Reopen for writing; the read-only handle's view is replaced.
-            path = self._store.path
+            # Reopen for writing; the read-only handle's view is replaced (once the writable
+            # one is open: when it cannot be, this Index goes on reading).
+            writable = Store.open(self._store.path, writable=True)
             self._store.close()
-            self._store = Store.open(path, writable=True)
+            self._store = writable
         return self._store
 
     # -- looking up -------------------------------------------------------------------------
@@ -428,6 +440,12 @@ class Index:
         """The record of an indexed file, by its path (relative paths are taken from the current
         folder, and links in its folders followed, as builds index them), or None."""
         return self._store.find(path)
+
+    @_serialized
+    def raw_path(self, image_id: int) -> bytes:
+        """The exact name (bytes) of the file of image ``image_id``; ``ImageRecord.path`` is
+        its text form, which cannot always be opened (names that are not UTF-8)."""
+        return self._store.raw_path(int(image_id))
 
     @_serialized
     def records(self) -> list[ImageRecord]:
@@ -462,12 +480,70 @@ class Index:
                 **options: Any) -> list[Hit]:  # fmt: skip
         """Nearest images to an indexed image, given by id or path, using its stored vector (no
         embedding); the image itself is left out."""
-        is_id = isinstance(image, numbers.Integral) and not isinstance(image, bool)
-        record = self.get(int(image)) if is_id else self.find(image)
-        if record is None:
-            raise KeyError(f"{image} is not in the index {self.path}")
+        record = self.lookup(image)
         vector = self._store.vectors([record.id])[0]
         return self.search_by_vector(vector, k=k, metric=metric, exclude=[record.id], **options)
+
+    @_serialized
+    def lookup(self, image: int | str | os.PathLike[str] | ImageRecord) -> ImageRecord:
+        """The record of an indexed image given by id, by path (see :meth:`find`) or by its
+        record; KeyError if it is not in the index."""
+        if isinstance(image, ImageRecord):
+            image = image.id
+        is_id = isinstance(image, numbers.Integral) and not isinstance(image, bool)
+        record = self._store.get(int(image)) if is_id else self.find(image)
+        if record is None:
+            raise KeyError(f"{image} is not in the index {self.path}")
+        return record
+
+    def search_like(
+        self,
+        like: Any,
+        unlike: Any = (),
+        k: int = 10,
+        metric: str = "l2",
+        *,
+        unlike_weight: float = UNLIKE_WEIGHT,
+        channels: str = "bgr",
+        **options: Any,
+    ) -> list[Hit]:
+        """Images like the examples in ``like`` and unlike those in ``unlike``: one query
+        vector combined from them (:func:`~imgindex.search.combine_examples`). An example is
+        an indexed image (an id or an :class:`ImageRecord`: its stored vector, and it is left
+        out of the results), a vector (a 1-D array of 768 numbers), or an image to embed (a
+        path, an array, a PIL image, as for :meth:`search`). ``options`` are those of
+        :meth:`search_by_vector`."""
+        check_metric(metric)
+        like_vectors, like_ids = self._example_vectors(like, channels)
+        unlike_vectors, unlike_ids = self._example_vectors(unlike, channels)
+        if not len(like_vectors):
+            raise ValueError("search_like needs at least one example to be like")
+        query = combine_examples(like_vectors, unlike_vectors, metric, unlike_weight)
+        exclude = [*like_ids, *unlike_ids, *options.pop("exclude", ())]
+        return self.search_by_vector(query, k=k, metric=metric, exclude=exclude, **options)
+
+    def _example_vectors(self, examples: Any, channels: str) -> tuple[np.ndarray, list[int]]:
+        """Vectors of examples (see :meth:`search_like`) and the ids of the indexed ones."""
+        if isinstance(
+            examples, (str, bytes, os.PathLike, ImageRecord, numbers.Integral, np.ndarray)
+        ):
+            examples = [examples]
+        rows, ids, images = [], [], []
+        dim = self._store.dim
+        for example in examples:
+            if isinstance(example, ImageRecord) or (
+                isinstance(example, numbers.Integral) and not isinstance(example, bool)
+            ):
+                record = self.lookup(example)
+                ids.append(record.id)
+                rows.append(self.vectors([record.id])[0])
+            elif isinstance(example, np.ndarray) and example.shape == (dim,):
+                rows.append(example.astype(np.float32))  # a vector, embedded already
+            else:
+                images.append(example)
+        if images:
+            rows += list(self.vectorizer.vectorize_many(images, channels=channels))
+        return (np.stack(rows) if rows else np.empty((0, dim), np.float32)), ids
 
     @_serialized
     def search_by_vector(
@@ -481,6 +557,7 @@ class Index:
         max_distance: float | None = None,
         min_similarity: float | None = None,
         under: str | os.PathLike[str] | None = None,
+        within: Any = None,
         exclude: Any = (),
     ) -> Any:
         """Nearest indexed images to one vector (-> list of :class:`Hit`) or to each row of an
@@ -489,6 +566,7 @@ class Index:
         ``nprobe`` (IVF) and ``ef_search`` (HNSW) trade speed for recall on approximate indexes;
         ``max_distance`` (l2) or ``min_similarity`` (cosine) drop results beyond a threshold;
         ``under`` keeps only images whose path is under that folder (or is that file);
+        ``within`` only the images of the given ids (:meth:`ids_under` makes such a list);
         ``exclude`` leaves out the given ids.
         """
         check_metric(metric)
@@ -515,6 +593,9 @@ class Index:
             store = self._store
             store.refresh()
             allowed = store.ids_under(under) if under is not None else None
+            if within is not None:
+                chosen = np.unique(np.asarray(list(within), dtype=np.int64))
+                allowed = chosen if allowed is None else np.intersect1d(allowed, chosen)
             fetch = candidates_for(store.vector_index.spec, k + len(excluded))
             candidates = store.vector_index.search(matrix, fetch, metric, params, allowed)
             if excluded:
@@ -549,11 +630,14 @@ class Index:
         *,
         under: str | os.PathLike[str] | None = None,
         neighbors: int = 16,
+        include_reviewed: bool = False,
+        within: Any = None,
     ) -> list[DuplicateGroup]:
         """Groups of images whose vectors are within ``threshold`` of another member (an L2
         distance, or a cosine similarity of at least ``threshold``); see
         :mod:`imgindex.duplicates`. Exact on a flat index; through each image's ``neighbors``
-        nearest on an approximate one."""
+        nearest on an approximate one. Pairs a person has decided on, and images marked for
+        removal, are left out unless ``include_reviewed`` (see :meth:`review_duplicates`)."""
         check_threshold(threshold, metric)
         store = self._store
         store.refresh()
@@ -561,6 +645,12 @@ class Index:
         ids = index.ids()
         if under is not None:
             ids = np.intersect1d(ids, store.ids_under(under))
+        if within is not None:  # (as for search_by_vector)
+            ids = np.intersect1d(ids, np.asarray(list(within), dtype=np.int64))
+        marked = store.marked_for_removal()
+        reviewed = store.reviewed_pairs()
+        if not include_reviewed:  # what a person decided does not come back
+            ids = np.setdiff1d(ids, np.fromiter(marked, dtype=np.int64, count=len(marked)))
         if index.spec.exact:
             pairs = exact_pairs(ids, store.stored_vectors(ids), threshold, metric)
         else:
@@ -572,11 +662,156 @@ class Index:
                 )
                 if p[0] in members and p[1] in members
             )
+        if not include_reviewed:
+            pairs = (p for p in pairs if (p[0], p[1]) not in reviewed)
         groups = group_pairs(pairs)
         records = store.get_many({i for g in groups for i in g.ids})
         for group in groups:
             group.paths = [records[i].path for i in group.ids]
+            group.marked = {i: marked[i] for i in group.ids if i in marked}
+            group.reviewed = all((a, b) in reviewed for a, b, _s in group.pairs)
         return groups
+
+    @_serialized
+    def review_duplicates(
+        self,
+        ids: Any,
+        keep: int | None = None,
+        *,
+        wait: float = 0.0,
+        on_wait: Callable[[str], None] | None = None,
+    ) -> None:
+        """Record a person's decision on a duplicate group ``ids``, stored in the index so that
+        :meth:`duplicates` does not offer it again: with ``keep`` (one of ``ids``), they are
+        duplicates and the others are marked for removal (files are never touched; see
+        :meth:`marked_for_removal`, :meth:`move_marked`); without, they are not duplicates."""
+        members = sorted({int(self.lookup(i).id) for i in ids})
+        if len(members) < 2:
+            raise ValueError("a decision needs a group of at least two images")
+        if keep is not None and int(self.lookup(keep).id) not in members:
+            raise ValueError(f"the image to keep ({keep}) is not one of the group {members}")
+        store = self._writable_store()
+        store.lock(wait, on_wait)
+        try:
+            store.review(members, None if keep is None else int(self.lookup(keep).id))
+        finally:
+            store.unlock()
+
+    @_serialized
+    def forget_reviews(
+        self, ids: Any, *, wait: float = 0.0, on_wait: Callable[[str], None] | None = None
+    ) -> int:
+        """Undo the decisions on the images ``ids`` (their groups come back); returns how many
+        decisions went."""
+        members = [int(self.lookup(i).id) for i in ids]
+        store = self._writable_store()
+        store.lock(wait, on_wait)
+        try:
+            return store.forget_reviews(members)
+        finally:
+            store.unlock()
+
+    @_serialized
+    def marked_for_removal(self) -> list[tuple[ImageRecord, ImageRecord | None]]:
+        """The images marked for removal by :meth:`review_duplicates`, each with the one kept
+        in its place (None if that one has left the index)."""
+        store = self._store
+        store.refresh()
+        marked = store.marked_for_removal()
+        records = store.get_many({*marked, *(k for k in marked.values() if k is not None)})
+        return [(records[i], records.get(k) if k is not None else None)
+                for i, k in marked.items() if i in records]  # fmt: skip
+
+    @_serialized
+    def move_marked(
+        self,
+        folder: str | os.PathLike[str],
+        *,
+        dry_run: bool = False,
+        wait: float = 0.0,
+        on_wait: Callable[[str], None] | None = None,
+    ) -> list[tuple[str, str]]:
+        """Move the files marked for removal into ``folder`` (made if missing), where a person
+        can look at them before deleting them; nothing is ever deleted. A name already taken
+        there gets a number; the index entries follow the files (same ids and vectors).
+        Returns (from, to) for each file (with ``dry_run``, what would be moved)."""
+        target = resolve(folder)
+        store = self._writable_store() if not dry_run else self._store
+        if not dry_run:
+            store.lock(wait, on_wait)
+        try:
+            store.refresh()
+            records = store.get_many(store.marked_for_removal())
+            moves = []
+            taken: set[str] = set()
+            for record in sorted(records.values(), key=lambda r: r.id):
+                raw = store.raw_path(record.id)
+                destination = _free_name(target, os.path.basename(raw), taken)
+                moves.append((record, raw, destination))
+            if dry_run:
+                return [(r.path, path_text(d)) for r, _raw, d in moves]
+            done = []
+            for record, raw, destination in moves:
+                moved = _move_file(raw, destination)
+                store.rename(record.id, NewImage(moved, record.sha256, record.size,
+                                                 os.stat(moved).st_mtime, record.width,
+                                                 record.height))  # fmt: skip
+                done.append((record.path, path_text(moved)))
+            store.save_vector_index()
+            return done
+        finally:
+            if not dry_run:
+                store.unlock()
+
+    @_serialized
+    def page(
+        self,
+        offset: int = 0,
+        limit: int = 50,
+        order: str = "newest",
+        under: str | os.PathLike[str] | None = None,
+    ) -> tuple[list[ImageRecord], int]:
+        """Records to browse, ``limit`` from ``offset``, newest first (``order="newest"``) or
+        by path ("path"), under a folder if given; and how many there are in all."""
+        if order not in ("newest", "path"):
+            raise ValueError(f"order must be 'newest' or 'path', not {order!r}")
+        offset, limit = max(0, int(offset)), max(0, int(limit))
+        store = self._store
+        store.refresh()
+        ids = store.ids_under(under) if under is not None else None
+        return store.records_page(offset, limit, order, ids)
+
+    def thumbnail(
+        self, image: int | str | os.PathLike[str], size: int = THUMBNAIL_SIZE
+    ) -> Thumbnail:
+        """A JPEG preview of an indexed image, at most ``size`` pixels on its longer side, made
+        from its file on first use and cached by content (see :mod:`imgindex.thumbnails`); a
+        placeholder with the reason when the file is missing or unreadable."""
+        record = self.lookup(image)
+        with self._lock:
+            raw = self._store.raw_path(record.id)
+            cache = self._thumbnails.get(size)
+            if cache is None:
+                limit = self._vectorizer_args.get("max_pixels") or DEFAULT_MAX_PIXELS
+                cache = ThumbnailCache.for_index(self.path, size=size, max_pixels=limit)
+                self._thumbnails[size] = cache
+        return cache.get(raw, record.sha256)  # (outside the lock: decoding takes a while)
+
+    @_serialized
+    def ids_under(self, folder: str | os.PathLike[str], *, resolve: bool = True) -> np.ndarray:
+        """Ids of the images at or under ``folder``. With ``resolve=False`` the folder is taken
+        as the index names it (as in ``ImageRecord.path`` and :meth:`folders`) and the file
+        system is not looked at: for a server, whose requests must not reach it."""
+        self._store.refresh()
+        if resolve:
+            return self._store.ids_under(folder)
+        return self._store.ids_under_indexed(os.fsdecode(folder))
+
+    @_serialized
+    def folders(self) -> dict[str, int]:
+        """Every folder holding indexed images, with how many it holds directly."""
+        self._store.refresh()
+        return self._store.folder_counts()
 
     # -- describing -------------------------------------------------------------------------
 
@@ -619,6 +854,40 @@ def _check_vectorizer_args(args: dict[str, Any]) -> None:
             f"unexpected argument(s) {', '.join(unknown)}; the vectorizer takes "
             f"{', '.join(VECTORIZER_ARGS)}"
         )
+
+
+def _free_name(folder: Path, name: bytes, taken: set[str]) -> Path:
+    """``folder/name``, or ``name (2)``, ``name (3)``, ... when that is taken (on disk, or by
+    another file of the same move)."""
+    stem, suffix = os.path.splitext(os.fsdecode(name))
+    candidate, n = folder / f"{stem}{suffix}", 1
+    while str(candidate) in taken or os.path.lexists(candidate):
+        n += 1
+        candidate = folder / f"{stem} ({n}){suffix}"
+    taken.add(str(candidate))
+    return candidate
+
+
+def _move_file(source: bytes, destination: Path) -> Path:
+    """Move a file without ever replacing one: a new hard link, then the old name removed (the
+    same file system), or an exclusive copy, flushed, then the old name removed."""
+    import shutil
+
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(source, destination)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise ImgIndexError(
+                f"{os.fsdecode(source)}: cannot move it to {destination} ({exc.strerror})"
+            ) from None
+        with open(source, "rb") as src, open(destination, "xb") as dst:
+            shutil.copyfileobj(src, dst)
+            dst.flush()
+            os.fsync(dst.fileno())
+        shutil.copystat(source, destination)
+    os.unlink(source)
+    return destination
 
 
 def _under_any(raw: bytes, names: set[bytes]) -> bool:

@@ -33,7 +33,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from imgindex.decode import DEFAULT_MAX_PIXELS, pil_to_rgb_array, read_image_file
+from imgindex.decode import (
+    DEFAULT_MAX_PIXELS,
+    decode_image_bytes,
+    pil_to_rgb_array,
+    read_image_file,
+)
 from imgindex.errors import ImageError, WeightsError
 
 if TYPE_CHECKING:
@@ -903,10 +908,16 @@ class Vectorizer:
         if isinstance(image, Image.Image):
             name = getattr(image, "filename", "") or "<PIL image>"
             return pil_to_rgb_array(image, name), name
+        if isinstance(image, (bytes, bytearray, memoryview)):  # an encoded file, as read
+            data = bytes(image)
+            pixels = decode_image_bytes(
+                data, "<bytes>", self.max_pixels, self.preprocessing.draft_to
+            )
+            return pixels, "<bytes>"
         if isinstance(image, np.ndarray):
             return _array_to_rgb(image, channels), "<array>"
         raise TypeError(
-            "expected an image path, a PIL image or a uint8 numpy array, "
+            "expected an image path, encoded image bytes, a PIL image or a uint8 numpy array, "
             f"got {type(image).__name__}"
         )
 

@@ -15,7 +15,8 @@ What the tables hold, after every migration:
 * ``vectors``: the vector of each image (768 little-endian float32) and its CRC-32, so that a
   damaged vector is recognised as what it is;
 * ``skipped``: files a build could not index, why, and their size and times then, so that an
-  unchanged file is not read again.
+  unchanged file is not read again;
+* ``duplicate_reviews`` and ``marked_for_removal``: decisions on duplicate groups.
 """
 
 from __future__ import annotations
@@ -166,6 +167,27 @@ MIGRATIONS: list[Migration] = [
         ALTER TABLE skipped ADD COLUMN mtime REAL;
         ALTER TABLE skipped ADD COLUMN ctime REAL;
         ALTER TABLE skipped ADD COLUMN max_pixels INTEGER;
+        """,
+    ),
+    (
+        "m005_duplicate_reviews",
+        # What a person decided about duplicate groups, so that a decided group does not come
+        # back: pairs judged duplicates or not (a < b), and the images marked for removal with
+        # the one kept in their place. Keyed by image id: a changed file is a new image.
+        """
+        CREATE TABLE duplicate_reviews (
+            a INTEGER NOT NULL REFERENCES images (id) ON DELETE CASCADE,
+            b INTEGER NOT NULL REFERENCES images (id) ON DELETE CASCADE,
+            same INTEGER NOT NULL,
+            at TEXT NOT NULL,
+            PRIMARY KEY (a, b),
+            CHECK (a < b)
+        );
+        CREATE TABLE marked_for_removal (
+            id INTEGER PRIMARY KEY REFERENCES images (id) ON DELETE CASCADE,
+            keep INTEGER REFERENCES images (id) ON DELETE SET NULL,
+            at TEXT NOT NULL
+        );
         """,
     ),
 ]

@@ -128,3 +128,36 @@ def rank_exactly(
         order = np.lexsort((ids, exact if metric == "l2" else -exact))[:k]
         results.append([(int(ids[i]), float(exact[i])) for i in order])
     return results
+
+
+# How far a query moves away from the examples it should be unlike (Rocchio's gamma, in the
+# form q = (1 + w) mean(like) - w mean(unlike)).
+UNLIKE_WEIGHT = 0.5
+
+
+def combine_examples(
+    like: np.ndarray, unlike: np.ndarray, metric: str, unlike_weight: float = UNLIKE_WEIGHT
+) -> np.ndarray:
+    """One query vector from examples to be like (rows of ``like``, at least one) and unlike
+    (rows of ``unlike``, maybe none)::
+
+        q = mean(like)                                     without unlike examples
+        q = (1 + w) * mean(like) - w * mean(unlike)        with them (w = ``unlike_weight``)
+
+    the mean of the positives pushed away from the mean of the negatives along the line
+    between them (Rocchio's relevance feedback, with the first positive not weighed apart).
+    For cosine the examples are L2-normalised first (only directions count); for l2 they are
+    taken as they are, so the query is a point in the vectors' own space."""
+    check_metric(metric)
+    like = np.atleast_2d(np.asarray(like, dtype=np.float64))
+    unlike = np.asarray(unlike, dtype=np.float64).reshape(-1, like.shape[1])
+    if not len(like):
+        raise ValueError("at least one example to be like is needed")
+    if not np.isfinite(like).all() or not np.isfinite(unlike).all():
+        raise ValueError("example vectors hold NaN or infinite numbers")
+    if metric == "cosine":
+        like, unlike = _normalized(like), _normalized(unlike) if len(unlike) else unlike
+    query = like.mean(axis=0)
+    if len(unlike):
+        query = (1 + unlike_weight) * query - unlike_weight * unlike.mean(axis=0)
+    return query.astype(np.float32)

@@ -435,6 +435,13 @@ class Store:
         its absolute name as given (an older imgindex did not resolve links)."""
         return self.get_by_path(resolve(path)) or self.get_by_path(os.path.abspath(path))
 
+    def raw_path(self, image_id: int) -> bytes:
+        """The file name's bytes of image ``image_id``; KeyError if there is none."""
+        row = self.db.execute("SELECT raw_path FROM images WHERE id = ?", [image_id]).fetchone()
+        if row is None:
+            raise KeyError(f"no image with id {image_id}")
+        return bytes(row[0])
+
     def records(self) -> Iterator[ImageRecord]:
         for row in self.db.execute(f"SELECT {_RECORD_COLUMNS} FROM images ORDER BY id"):
             yield ImageRecord(*row)
@@ -504,6 +511,16 @@ class Store:
             return found[order], out[order]
         return found, out
 
+    def ids_under_indexed(self, folder: str) -> np.ndarray:
+        """Ids of the images at or under ``folder`` as the index names it (text, as in
+        ``ImageRecord.path``), sorted; the file system is not looked at."""
+        prefix = folder.rstrip("/") + "/"
+        rows = self.db.execute(
+            "SELECT id FROM images WHERE path = ? OR (path >= ? AND path < ?) ORDER BY id",
+            [folder, prefix, prefix[:-1] + "0"],
+        ).fetchall()
+        return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+
     def ids_under(self, path: str | os.PathLike[str]) -> np.ndarray:
         """Ids of the images at ``path`` or under it (a folder), sorted: under its resolved
         name (as builds index it) or its name as given (as an older imgindex indexed it)."""
@@ -557,6 +574,82 @@ class Store:
 
     def disk_usage(self) -> dict[str, int]:
         return disk_usage(self.path)
+
+    def records_page(
+        self, offset: int, limit: int, order: str, ids: np.ndarray | None = None
+    ) -> tuple[list[ImageRecord], int]:
+        """A page of records, newest first (``order="newest"``) or by path ("path"), among
+        ``ids`` if given; and how many there are in all."""
+        by = {"newest": "id DESC", "path": "raw_path"}[order]
+        if ids is None:
+            total = self.count()
+            rows = self.db.execute(
+                f"SELECT {_RECORD_COLUMNS} FROM images ORDER BY {by} LIMIT ? OFFSET ?",
+                [limit, offset],
+            ).fetchall()
+            return [ImageRecord(*row) for row in rows], total
+        records = list(self.get_many(ids.tolist()).values())
+        if order == "newest":
+            records.sort(key=lambda r: -r.id)
+        else:
+            records.sort(key=lambda r: r.path)
+        return records[offset : offset + limit], len(records)
+
+    def folder_counts(self) -> dict[str, int]:
+        """Each folder holding indexed images (as text) and how many it holds directly."""
+        counts: dict[str, int] = {}
+        for (text,) in self.db.execute("SELECT path FROM images"):
+            folder = os.path.dirname(text)
+            counts[folder] = counts.get(folder, 0) + 1
+        return dict(sorted(counts.items()))
+
+    # -- duplicate reviews ------------------------------------------------------------------
+
+    def reviewed_pairs(self) -> dict[tuple[int, int], bool]:
+        """(a, b) with a < b -> whether a person judged them duplicates."""
+        return {(a, b): bool(same) for a, b, same in
+                self.db.execute("SELECT a, b, same FROM duplicate_reviews")}  # fmt: skip
+
+    def marked_for_removal(self) -> dict[int, int | None]:
+        """Ids marked for removal -> the id kept in their place (None if it is gone)."""
+        return dict(self.db.execute("SELECT id, keep FROM marked_for_removal ORDER BY id"))
+
+    def review(self, ids: Sequence[int], keep: int | None) -> None:
+        """Record a decision on the group ``ids``: duplicates with ``keep`` kept (the others
+        marked for removal), or, with ``keep`` None, not duplicates (every pair apart)."""
+        self._require_writable()
+        ids = sorted({int(i) for i in ids})
+        when = now()
+        with self._writing():
+            pairs = [(a, b) for n, a in enumerate(ids) for b in ids[n + 1 :]]
+            self.db.conn.executemany(
+                "INSERT OR REPLACE INTO duplicate_reviews (a, b, same, at) VALUES (?, ?, ?, ?)",
+                [(a, b, int(keep is not None), when) for a, b in pairs],
+            )
+            self.db.conn.executemany(
+                "DELETE FROM marked_for_removal WHERE id = ?", [(i,) for i in ids]
+            )
+            if keep is not None:
+                self.db.conn.executemany(
+                    "INSERT INTO marked_for_removal (id, keep, at) VALUES (?, ?, ?)",
+                    [(i, keep, when) for i in ids if i != keep],
+                )
+
+    def forget_reviews(self, ids: Sequence[int]) -> int:
+        """Undo the decisions involving ``ids``; returns how many decisions went."""
+        self._require_writable()
+        gone = 0
+        with self._writing():
+            for chunk, marks in _id_chunks(list(ids)):
+                gone += self.db.execute(
+                    f"DELETE FROM duplicate_reviews WHERE a IN ({marks}) OR b IN ({marks})",
+                    chunk + chunk,
+                ).rowcount
+                gone += self.db.execute(  # marked, or kept in another's place
+                    f"DELETE FROM marked_for_removal WHERE id IN ({marks}) OR keep IN ({marks})",
+                    chunk + chunk,
+                ).rowcount
+        return gone
 
     # -- writing ----------------------------------------------------------------------------
 

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import imgindex as imgindex_api
@@ -542,8 +543,10 @@ def test_random_bytes_as_weights_are_not_said_to_run_code(tmp_path):
     from imgindex.model import read_checkpoint
 
     junk = tmp_path / "junk.pth"
-    junk.write_bytes(os.urandom(4096))
-    with pytest.raises(WeightsError) as refused:
-        read_checkpoint(junk)
-    assert "not a PyTorch checkpoint" in str(refused.value)
-    assert "run code" not in str(refused.value)
+    for seed in range(30):  # (random bytes fail in several ways inside torch.load)
+        junk.write_bytes(np.random.default_rng(seed).bytes(4096))
+        with pytest.raises(WeightsError) as refused:
+            read_checkpoint(junk)
+        message = str(refused.value)
+        assert "not a PyTorch checkpoint" in message or "not a loadable" in message, message
+        assert "run code" not in message
