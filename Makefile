@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 DEMO_INDEX := .demo-index
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint browser bench clean
 
 # imgsim 0.1.2 is installed only for its model.pth (the AugNet weights); --no-deps keeps its
 # OpenCV requirement out, since imgindex never imports imgsim or OpenCV. (pip then reports
@@ -30,7 +30,15 @@ lint: $(STAMP)
 	$(BIN)/ruff check imgindex tests benchmarks scripts examples
 	$(BIN)/ruff format --check imgindex tests benchmarks scripts examples
 
-test: lint
+# The browser test drives Debian's Chromium (never one Playwright downloads). Installed here when
+# missing and run as root (as CI does); otherwise that one test is skipped, and says why.
+browser:
+	@test -x /usr/bin/chromium || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+		chromium chromium-driver >/dev/null; } || \
+		echo "No /usr/bin/chromium (apt-get install chromium chromium-driver): the browser test is skipped"
+
+test: lint browser
 	$(BIN)/python -m pytest
 
 bench: $(STAMP)

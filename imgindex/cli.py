@@ -2141,6 +2141,8 @@ def serve(
 
         try:
             run_server(index, settings, ready)
+        except KeyboardInterrupt:
+            pass  # Ctrl-C is how a server is stopped: uvicorn has shut down cleanly
         except OSError as exc:
             raise ImgIndexError(f"cannot listen on {host}:{port} ({exc.strerror})") from None
     click.echo("Stopped.")
