@@ -795,7 +795,8 @@ class Index:
                 limit = self._vectorizer_args.get("max_pixels") or DEFAULT_MAX_PIXELS
                 cache = ThumbnailCache.for_index(self.path, size=size, max_pixels=limit)
                 self._thumbnails[size] = cache
-        return cache.get(raw, record.sha256)  # (outside the lock: decoding takes a while)
+        # (outside the lock: decoding takes a while)
+        return cache.get(raw, record.sha256, record.size, record.mtime)
 
     @_serialized
     def ids_under(self, folder: str | os.PathLike[str], *, resolve: bool = True) -> np.ndarray:

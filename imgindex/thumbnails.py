@@ -96,12 +96,23 @@ class ThumbnailCache:
             return cls(index_path / "thumbnails", **kwargs)
         return cls(user_cache_folder(), **kwargs)
 
-    def get(self, raw_path: bytes, sha256: str) -> Thumbnail:
-        """The thumbnail of the indexed file at ``raw_path`` whose content was ``sha256``."""
-        cached = self._cached(sha256)
+    def get(
+        self, raw_path: bytes, sha256: str, size: int | None = None, mtime: float | None = None
+    ) -> Thumbnail:
+        """The thumbnail of the indexed file at ``raw_path`` whose content was ``sha256`` (and
+        whose size and time were ``size`` and ``mtime``: a file that changed since is read
+        again, a file that is gone gets a placeholder, whatever the cache holds)."""
+        name = os.fsdecode(raw_path)
+        try:
+            st = os.stat(raw_path)
+        except FileNotFoundError:
+            return placeholder("file not found (deleted or moved since it was indexed)", self.size)
+        except OSError as exc:
+            return placeholder(f"cannot look at the file ({exc.strerror})", self.size)
+        unchanged = size is None or (st.st_size, st.st_mtime) == (size, mtime)
+        cached = self._cached(sha256) if unchanged else None
         if cached is not None:
             return cached
-        name = os.fsdecode(raw_path)
         try:
             data, _ = read_file(Path(name), self.max_pixels)
             image = render(data, name, self.size, self.max_pixels)
