@@ -770,15 +770,20 @@ class Index:
         limit: int = 50,
         order: str = "newest",
         under: str | os.PathLike[str] | None = None,
+        within: Any = None,
     ) -> tuple[list[ImageRecord], int]:
         """Records to browse, ``limit`` from ``offset``, newest first (``order="newest"``) or
-        by path ("path"), under a folder if given; and how many there are in all."""
+        by path ("path"), under a folder if given, among the ids ``within`` if given; and how
+        many there are in all."""
         if order not in ("newest", "path"):
             raise ValueError(f"order must be 'newest' or 'path', not {order!r}")
         offset, limit = max(0, int(offset)), max(0, int(limit))
         store = self._store
         store.refresh()
         ids = store.ids_under(under) if under is not None else None
+        if within is not None:
+            chosen = np.unique(np.asarray(list(within), dtype=np.int64))
+            ids = chosen if ids is None else np.intersect1d(ids, chosen)
         return store.records_page(offset, limit, order, ids)
 
     def thumbnail(

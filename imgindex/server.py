@@ -276,16 +276,9 @@ class _Api:
         if order not in ("newest", "path"):
             raise ApiError(400, "order must be newest or path")
         within = await self.run(self.index.ids_under, under, resolve=False) if under else None
-        records, total = await self.run(self._page, offset, limit, order, within)
+        records, total = await self.run(self.index.page, offset, limit, order, within=within)
         return _json({"total": total, "offset": offset, "limit": limit, "order": order,
                       "images": [self._record(r) for r in records]})  # fmt: skip
-
-    def _page(self, offset: int, limit: int, order: str, within: Any) -> Any:
-        if within is None:
-            return self.index.page(offset, limit, order)
-        records = [self.index.get(int(i)) for i in within]
-        records.sort(key=(lambda r: -r.id) if order == "newest" else (lambda r: r.path))
-        return records[offset : offset + limit], len(records)
 
     @endpoint
     async def folders(self, request: Any) -> Any:
@@ -305,20 +298,20 @@ class _Api:
 
     @endpoint
     async def file(self, request: Any) -> Any:
-        from starlette.responses import Response
+        from starlette.responses import StreamingResponse
 
         record = await self.run(self.index.get, request.path_params["image_id"])
-        data = await self.run(_indexed_file, self.index, record)
-        kind = _image_type(data)
+        fh = await self.run(_open_indexed_file, self.index, record)
+        head = fh.read(16)
+        fh.seek(0)
+        kind = _image_type(head)
         name = os.path.basename(record.path)
-        headers = {"Content-Disposition": f"inline; filename*=UTF-8''{_quote(name)}",
-                   "Cache-Control": "private, max-age=60"}  # fmt: skip
-        if kind is None:
-            kind = "application/octet-stream"
-            headers["Content-Disposition"] = headers["Content-Disposition"].replace(
-                "inline", "attachment"
-            )
-        return Response(data, media_type=kind, headers=headers)
+        how = "inline" if kind else "attachment"  # (anything but an image: downloaded, not shown)
+        headers = {"Content-Disposition": f"{how}; filename*=UTF-8''{_quote(name)}",
+                   "Cache-Control": "private, max-age=60",
+                   "Content-Length": str(record.size)}  # fmt: skip
+        return StreamingResponse(_chunks(fh, record.size), media_type=kind or
+                                 "application/octet-stream", headers=headers)  # fmt: skip
 
     @endpoint
     async def upload_thumbnail(self, request: Any) -> Any:
@@ -555,22 +548,38 @@ async def _json_body(request: Any) -> dict[str, Any]:
     return body
 
 
-def _indexed_file(index: Index, record: Any) -> bytes:
-    """The bytes of an indexed file, from the path the index holds (never one a request
-    gave), if it is still the file that was indexed (the same size and time)."""
+def _open_indexed_file(index: Index, record: Any) -> Any:
+    """An indexed file, opened from the path the index holds (never one a request gave), if it
+    is still the file that was indexed: a regular file of the same size and time."""
     raw = index.raw_path(record.id)
     try:
-        with open(raw, "rb") as fh:
-            st = os.fstat(fh.fileno())
-            if not stat.S_ISREG(st.st_mode):
-                raise ApiError(409, f"{record.path}: not a regular file any more")
-            if (st.st_size, st.st_mtime) != (record.size, record.mtime):
-                raise ApiError(409, f"{record.path}: changed since it was indexed (build again)")
-            return fh.read(record.size + 1)
+        st = os.stat(raw)
+        if not stat.S_ISREG(st.st_mode):  # (a pipe would block the request for ever)
+            raise ApiError(409, f"{record.path}: not a regular file any more")
+        fh = open(raw, "rb")  # noqa: SIM115 - streamed by the response, which closes it
     except FileNotFoundError:
         raise ApiError(404, f"{record.path}: the file is gone (deleted or moved)") from None
     except PermissionError:
         raise ApiError(409, f"{record.path}: permission denied") from None
+    st = os.fstat(fh.fileno())
+    if not stat.S_ISREG(st.st_mode) or (st.st_size, st.st_mtime) != (record.size, record.mtime):
+        fh.close()
+        raise ApiError(409, f"{record.path}: changed since it was indexed (build again)")
+    return fh
+
+
+def _chunks(fh: Any, size: int) -> Any:
+    """The first ``size`` bytes of ``fh`` in blocks, then closed."""
+    try:
+        left = size
+        while left > 0:
+            block = fh.read(min(left, 1 << 20))
+            if not block:
+                break
+            left -= len(block)
+            yield block
+    finally:
+        fh.close()
 
 
 _MAGIC = (
