@@ -933,7 +933,12 @@ def query(
         if sheet is not None:
             queries = [examples[0]] if combined else [images[n] for n in range(len(images))
                                                        if n not in failed]  # fmt: skip
-            sheets = _write_sheets(sheet, index, queries, hits, search["metric"])
+            shown_examples = (
+                examples[: len(images) + len(like)],
+                examples[len(images) + len(like) :],
+            )
+            sheets = _write_sheets(sheet, index, queries, hits, search["metric"],
+                                   shown_examples if combined else None)  # fmt: skip
     if combined:
         names = [path_text(os.path.abspath(p)) for p in examples]
         positive, negative = names[: len(images) + len(like)], names[len(images) + len(like) :]
@@ -973,10 +978,16 @@ def _print_combined(
 
 
 def _write_sheets(
-    path: Path, index: Any, queries: list[Any], hits: list[Any], metric: str
+    path: Path,
+    index: Any,
+    queries: list[Any],
+    hits: list[Any],
+    metric: str,
+    examples: tuple[list[Any], list[Any]] | None = None,
 ) -> list[Path]:
     """A contact sheet per answer (SHEET, or SHEET-1, SHEET-2, ... for several): the query's
-    picture (a file to read, or an indexed id), then each hit's thumbnail and labels. Returns
+    picture (a file to read, or an indexed id), or for a combined query each of its examples
+    (``examples``: to be like, to be unlike), then each hit's thumbnail and labels. Returns
     the files written."""
     import io
 
@@ -992,16 +1003,26 @@ def _write_sheets(
 
     column = "distance" if metric == "l2" else "similarity"
     written = []
-    for n, (query, found) in enumerate(zip(queries, hits, strict=True), start=1):
+
+    def example(query: Any) -> tuple[Any, str]:
         if isinstance(query, int):
-            picture, name = indexed(query), index.get(query).path
+            return indexed(query), index.get(query).path
+        try:
+            return render_file(query, 256, index.vectorizer.max_pixels), str(query)
+        except ImgIndexError:
+            return None, str(query)
+
+    for n, (query, found) in enumerate(zip(queries, hits, strict=True), start=1):
+        if examples is None:
+            picture, name = example(query)
+            cells = [Cell(picture, ["query", os.path.basename(name)], framed=True)]
         else:
-            try:
-                picture = render_file(query, 256, index.vectorizer.max_pixels)
-            except ImgIndexError:
-                picture = None
-            name = str(query)
-        cells = [Cell(picture, ["query", os.path.basename(name)], framed=True)]
+            cells = []
+            for kind, group in zip(("like", "unlike"), examples, strict=True):
+                for item in group:
+                    picture, name = example(item)
+                    cells.append(Cell(picture, [kind, os.path.basename(name)],
+                                      framed=kind == "like", unlike=kind == "unlike"))  # fmt: skip
         cells += [Cell(indexed(h.id), [f"{h.rank}. {column} {h.score:.4f}",
                                        os.path.basename(h.path)]) for h in found]  # fmt: skip
         target = path if len(queries) == 1 else path.with_name(f"{path.stem}-{n}{path.suffix}")
@@ -1261,7 +1282,7 @@ def duplicates(
             click.echo(f"    {a} ~ {b}: {value:.4f}")
         if len(group.pairs) > 50:
             click.echo(f"    ... and {len(group.pairs) - 50} more pairs (--json lists all)")
-    if groups and not as_json:
+    if any(not g.reviewed for g in groups) and not as_json:
         click.echo(
             "\nDecide on a group: imgindex review keep ID (the others are marked for removal) "
             "or imgindex review different ID."

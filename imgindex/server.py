@@ -200,8 +200,11 @@ def endpoint(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]
             return _error(409, str(exc))
         except (ValueError, TypeError) as exc:
             return _error(400, str(exc))
-        except HTTPException as exc:  # (Starlette's own: too many files in a form)
-            return _error(exc.status_code, str(exc.detail))
+        except HTTPException as exc:  # (Starlette's own: too many files or fields in a form)
+            detail = str(exc.detail)
+            if "Too many files" in detail:
+                detail = f"at most {self.settings.max_files} images at once"
+            return _error(exc.status_code, detail)
 
     return wrapper
 
@@ -398,23 +401,40 @@ class _Api:
             raise ApiError(400, "no image: send one or more files as 'image'")
         if len(files) + len(unlike_files) > self.settings.max_files:
             raise ApiError(400, f"at most {self.settings.max_files} images at once")
+        combine = form.get("combine") in ("1", "true", "yes") or bool(unlike_files)
+        if not combine:
+            return await self._search_each(files, options, within)
+        # One query of them all: every example must be readable.
         uploads = [await self._upload(f) for f in files]
         negatives = [await self._upload(f) for f in unlike_files]
-        refs = [self.uploads.add(u) for u in uploads]
-        unlike_refs = [self.uploads.add(u) for u in negatives]
-        combine = form.get("combine") in ("1", "true", "yes") or bool(negatives)
-        if combine:
-            examples = [u.vector for u in uploads], [u.vector for u in negatives]
-            hits = await self.run(self._search_like, examples, options, within)
-            names = [u.name for u in uploads], [u.name for u in negatives]
-            answer = self._combined(names, options["metric"], hits)
-            answer["uploads"], answer["unlike_uploads"] = refs, unlike_refs
-            return _json([answer])
+        examples = [u.vector for u in uploads], [u.vector for u in negatives]
+        hits = await self.run(self._search_like, examples, options, within)
+        answer = self._combined(([u.name for u in uploads], [u.name for u in negatives]),
+                                options["metric"], hits)  # fmt: skip
+        answer["uploads"] = [self.uploads.add(u) for u in uploads]
+        answer["unlike_uploads"] = [self.uploads.add(u) for u in negatives]
+        return _json([answer])
+
+    async def _search_each(self, files: list[Any], options: dict[str, Any], within: Any) -> Any:
+        """One answer per uploaded image, as `imgindex query` gives: an image that cannot be
+        read is an entry ``{"query", "error"}`` in its place, and the others are answered (400
+        only if none could be)."""
         answers = []
-        for upload, ref in zip(uploads, refs, strict=True):
+        for part in files:
+            try:
+                upload = await self._upload(part)
+            except ApiError as exc:
+                if exc.status != 400:
+                    raise
+                answers.append({"query": os.path.basename(part.filename or "upload"),
+                                "error": exc.message})  # fmt: skip
+                continue
+            ref = self.uploads.add(upload)
             hits = await self.run(self.index.search_by_vector, upload.vector, within=within,
                                   **options)  # fmt: skip
             answers.append(self._answer(upload.name, options["metric"], hits, upload=ref))
+        if all("error" in a for a in answers):
+            raise ApiError(400, "; ".join(a["error"] for a in answers))
         return _json(answers)
 
     async def _upload(self, part: Any) -> Upload:
@@ -446,8 +466,13 @@ class _Api:
         within = await self._within(q)
         groups = await self.run(self.index.duplicates, threshold, metric,
                                 include_reviewed=include, within=within)  # fmt: skip
-        return _json({"metric": metric, "threshold": threshold,
-                      "groups": [g.as_dict() for g in groups]})  # fmt: skip
+        out = []
+        for group in groups:
+            entry = group.as_dict()
+            for image in entry["images"]:  # what a person needs to choose which to keep
+                image.update(self._record(await self.run(self.index.get, image["id"])))
+            out.append(entry)
+        return _json({"metric": metric, "threshold": threshold, "groups": out})
 
     @endpoint
     async def reviews(self, request: Any) -> Any:
@@ -761,7 +786,19 @@ def serve(index: Index, settings: ServeSettings, on_ready: Callable[[str], None]
             threading.Thread(target=_warm_up, args=(index,), daemon=True).start()
 
     server.startup = startup  # type: ignore[method-assign]
+    _check_address(settings.host, settings.port)
     server.run()
+    if not server.started:
+        raise ImgIndexError(f"the server could not start on {host}:{settings.port}")
+
+
+def _check_address(host: str, port: int) -> None:
+    """OSError now, rather than uvicorn's own log line and exit status, if the address cannot
+    be listened on (a port already in use, an address not of this machine)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        probe.bind((host, port))
 
 
 def _warm_up(index: Index) -> None:

@@ -34,7 +34,8 @@ class Cell:
 
     image: Image.Image | None  # None: a grey cell
     lines: list[str]
-    framed: bool = False  # the query
+    framed: bool = False  # the query (an example to be like)
+    unlike: bool = False  # framed in red: an example to be unlike
 
 
 def font(size: int = 13) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:

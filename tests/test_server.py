@@ -471,3 +471,28 @@ def test_serve_on_another_address_prints_a_token_and_requires_it(index):
     finally:
         child.send_signal(signal.SIGINT)
         child.communicate(timeout=30)
+
+
+def test_one_unreadable_upload_does_not_cost_the_others_their_answers(client, collection):
+    good = (collection / "pizza" / "image_0002.jpg").read_bytes()
+    files = [("image", ("good.jpg", good)), ("image", ("bad.jpg", b"not a picture"))]
+    answers = client.post("/api/search", files=files, data={"k": "2"}).json()
+    assert [a["query"] for a in answers] == ["good.jpg", "bad.jpg"]
+    assert len(answers[0]["results"]) == 2 and "not an image" in answers[1]["error"]
+    combined = client.post("/api/search", files=files, data={"combine": "1"})
+    assert combined.status_code == 400 and "bad.jpg" in combined.json()["error"]
+
+
+def test_a_port_in_use_is_one_line(run, index):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run("serve", "--index", index.path, "--port", port, ok=False)
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert (
+        result.stderr.strip()
+        == f"Error: cannot listen on 127.0.0.1:{port} (Address already in use)"
+    )
