@@ -2142,6 +2142,11 @@ def serve(
         ) from None
     from imgindex.decode import DEFAULT_MAX_PIXELS
 
+    if token is not None and not re.fullmatch(r"[A-Za-z0-9_-]{16,}", token):
+        raise click.BadParameter(
+            "give at least 16 letters, digits, '-' or '_' (it goes into a URL and a cookie)",
+            param_hint="--token",
+        )
     settings = ServeSettings(
         host=host, port=port, token=token, allowed_hosts=allowed_hosts,
         max_upload_bytes=max_upload_mb << 20, max_files=max_files,

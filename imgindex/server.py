@@ -48,6 +48,9 @@ from imgindex.thumbnails import THUMBNAIL_SIZE, render
 MAX_UPLOAD_BYTES = 50 << 20
 MAX_FILES = 16
 MAX_K = 500
+MAX_IDS = 1000  # images in one decision
+MAX_ID = 2**63 - 1  # SQLite's largest integer
+UPLOADS_AT_ONCE = 4  # uploads embedded at the same time (each holds its bytes and pixels)
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 DUPLICATE_THRESHOLDS = {"l2": 6.0, "cosine": 0.97}
 # The page's own files: the only names the server maps to files, and not from a request path.
@@ -77,10 +80,21 @@ class ServeSettings:
         names.add(f"[{self.host}]" if ":" in self.host else self.host)
         if self.host in ("0.0.0.0", "::"):
             hostname = socket.gethostname()
-            names |= {hostname, socket.getfqdn()}
+            names |= {hostname, socket.getfqdn(), *local_addresses()}
             with contextlib.suppress(OSError):
                 names |= {info[4][0] for info in socket.getaddrinfo(hostname, None)}
-        return {name.lower() for name in names}
+        return {f"[{n}]" if ":" in n and not n.startswith("[") else n.lower() for n in names}
+
+
+def local_addresses() -> set[str]:
+    """This machine's own addresses on its networks, as the routing table gives them (a UDP
+    socket connected to an outside address: nothing is sent)."""
+    found = set()
+    for family, target in ((socket.AF_INET, "192.0.2.1"), (socket.AF_INET6, "2001:db8::1")):
+        with contextlib.suppress(OSError), socket.socket(family, socket.SOCK_DGRAM) as probe:
+            probe.connect((target, 9))
+            found.add(probe.getsockname()[0])
+    return found
 
 
 def new_token() -> str:
@@ -183,9 +197,15 @@ def endpoint(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]
     @functools.wraps(fn)
     async def wrapper(self: _Api, request: Any) -> Any:
         from starlette.exceptions import HTTPException
+        from starlette.requests import ClientDisconnect
+        from starlette.responses import Response
 
         try:
             return await fn(self, request)
+        except ClientDisconnect:  # the client went away mid-request: nobody to answer
+            return Response(status_code=400)
+        except OverflowError:  # an id beyond SQLite's integers
+            return _error(404, "no such image")
         except ApiError as exc:
             return _error(exc.status, exc.message)
         except _TooLarge:
@@ -216,6 +236,7 @@ class _Api:
         self.index = index
         self.settings = settings
         self.uploads = Uploads()
+        self._embedding: Any = None  # (an asyncio.Semaphore, made in the server's loop)
         folder = resources.files("imgindex") / "web"
         self.templates = Jinja2Templates(directory=str(folder))
         self._static = {name: (folder / name).read_bytes() for name in STATIC}
@@ -439,7 +460,16 @@ class _Api:
 
     async def _upload(self, part: Any) -> Upload:
         """An uploaded image, embedded: refused from its header if it has too many pixels,
-        before anything is decoded."""
+        before anything is decoded. At most UPLOADS_AT_ONCE are read and embedded at a time,
+        which bounds the memory uploads take."""
+        import asyncio
+
+        if self._embedding is None:
+            self._embedding = asyncio.Semaphore(UPLOADS_AT_ONCE)
+        async with self._embedding:
+            return await self._embed_upload(part)
+
+    async def _embed_upload(self, part: Any) -> Upload:
         name = os.path.basename(part.filename or "upload")
         data = await part.read(self.settings.max_upload_bytes + 1)
         if len(data) > self.settings.max_upload_bytes:
@@ -481,7 +511,7 @@ class _Api:
         body = await _json_body(request)
         ids = _id_list(body.get("ids"))
         keep = body.get("keep")
-        if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int)):
+        if keep is not None and not _is_id(keep):
             raise ApiError(400, "keep must be an image id, or null for 'not duplicates'")
         await self.run(self.index.review_duplicates, ids, keep=keep)
         return _json({"ok": True, "ids": sorted(ids), "keep": keep})
@@ -543,10 +573,13 @@ def _float(text: Any, name: str) -> float:
 def _tokens(text: str) -> list[int | str]:
     """Examples in a URL: image ids, or ``u:REF`` for an uploaded image."""
     out: list[int | str] = []
-    for part in filter(None, (p.strip() for p in text.split(","))):
+    parts = list(filter(None, (p.strip() for p in text.split(","))))
+    if len(parts) > MAX_IDS:
+        raise ApiError(400, f"at most {MAX_IDS} examples")
+    for part in parts:
         if part.startswith("u:") and len(part) > 2:
             out.append(part[2:])
-        elif part.isascii() and part.isdigit():
+        elif part.isascii() and part.isdigit() and int(part) <= MAX_ID:
             out.append(int(part))
         else:
             raise ApiError(400, f"{part!r} is neither an image id nor an upload (u:REF)")
@@ -554,11 +587,15 @@ def _tokens(text: str) -> list[int | str]:
 
 
 def _id_list(value: Any) -> list[int]:
-    if not isinstance(value, list) or not all(
-        isinstance(i, int) and not isinstance(i, bool) for i in value
-    ):
+    if not isinstance(value, list) or not all(_is_id(i) for i in value):
         raise ApiError(400, "ids must be a list of image ids")
-    return value
+    if len(value) > MAX_IDS:
+        raise ApiError(400, f"at most {MAX_IDS} images in one decision")
+    return sorted(set(value))
+
+
+def _is_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 < value <= MAX_ID
 
 
 async def _json_body(request: Any) -> dict[str, Any]:
@@ -566,8 +603,8 @@ async def _json_body(request: Any) -> dict[str, Any]:
         raise ApiError(415, "send JSON (Content-Type: application/json)")
     try:
         body = json.loads(await request.body())
-    except ValueError:
-        raise ApiError(400, "the body is not JSON") from None
+    except (ValueError, RecursionError):
+        raise ApiError(400, "the body is not JSON (or nested too deeply)") from None
     if not isinstance(body, dict):
         raise ApiError(400, "the body must be a JSON object")
     return body
@@ -649,6 +686,7 @@ class Guard:
 
     def __post_init__(self) -> None:
         self.hosts = self.settings.host_names()
+        self.cookie = f"imgindex_token_{self.settings.port}"
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -662,8 +700,9 @@ class Guard:
             return
         if self.settings.token and _query_token(scope) and scope["path"] == "/":
             # The printed URL carries the token: keep it in a cookie, and out of the address
-            # bar (and the history).
-            cookie = (f"imgindex_token={self.settings.token}; HttpOnly; SameSite=Strict; "
+            # bar (and the history). Cookies are per host, not per port: the name says which
+            # server's it is.
+            cookie = (f"{self.cookie}={self.settings.token}; HttpOnly; SameSite=Strict; "
                       "Path=/")  # fmt: skip
             await _respond(send, 303, None, [("location", "/"), ("set-cookie", cookie)])
             return
@@ -699,7 +738,7 @@ class Guard:
         if name.lower() not in self.hosts or (port and port != str(self.settings.port)):
             return 400, "unexpected Host header: this server answers for its own address only"
         if self.settings.token:
-            given = _bearer(headers) or _cookie(headers) or _query_token(scope)
+            given = _query_token(scope) or _bearer(headers) or _cookie(headers, self.cookie)
             if not given:
                 return 401, "an access token is required (the URL imgindex serve printed)"
             if not hmac.compare_digest(given.encode(), self.settings.token.encode()):
@@ -746,10 +785,10 @@ def _bearer(headers: dict[str, str]) -> str | None:
     return value[7:].strip() if value.lower().startswith("bearer ") else None
 
 
-def _cookie(headers: dict[str, str]) -> str | None:
+def _cookie(headers: dict[str, str], cookie: str) -> str | None:
     for part in headers.get("cookie", "").split(";"):
         name, _, value = part.strip().partition("=")
-        if name == "imgindex_token":
+        if name == cookie:
             return value
     return None
 
@@ -770,10 +809,15 @@ def serve(index: Index, settings: ServeSettings, on_ready: Callable[[str], None]
     import uvicorn
 
     app = create_app(index, settings)
+    # (timeout_graceful_shutdown: Ctrl-C does not wait for ever for a slow client's upload)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning",
-                            access_log=False, server_header=False, date_header=False)  # fmt: skip
+                            access_log=False, server_header=False, date_header=False,
+                            timeout_graceful_shutdown=5)  # fmt: skip
     server = uvicorn.Server(config)
-    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    host = settings.host
+    if host in ("0.0.0.0", "::"):  # a URL to reach it by: this machine's address
+        host = sorted(local_addresses() - {"127.0.0.1", "::1"} or {"127.0.0.1"})[0]
+    host = f"[{host}]" if ":" in host else host
     url = f"http://{host}:{settings.port}/"
     if settings.token:
         url += f"?token={settings.token}"

@@ -120,15 +120,17 @@ class ThumbnailCache:
             return placeholder(exc.reason, self.size)
         except Exception as exc:  # a decoder's surprise: a placeholder, not a failed request
             return placeholder(f"cannot make a thumbnail ({type(exc).__name__})", self.size)
+        if hashlib.sha256(data).hexdigest() != sha256:
+            # Only the indexed content is shown: the file may have been swapped for another
+            # (a link to a picture elsewhere, say), which is not for the server to show.
+            return placeholder(
+                "the file changed since it was indexed: build again to index it as it is now",
+                self.size,
+            )
         buffer = io.BytesIO()
         image.save(buffer, format="JPEG", quality=85)
-        thumbnail = Thumbnail(buffer.getvalue(), "image/jpeg")
-        actual = hashlib.sha256(data).hexdigest()
-        if actual != sha256:
-            return Thumbnail(thumbnail.data, thumbnail.content_type, "the file changed since it "
-                             "was indexed: build again to index it as it is now")  # fmt: skip
-        self._store(sha256, thumbnail.data)
-        return thumbnail
+        self._store(sha256, buffer.getvalue())
+        return Thumbnail(buffer.getvalue(), "image/jpeg")
 
     def _file(self, sha256: str) -> Path | None:
         if not _SHA256.fullmatch(sha256):  # (the name comes from the index, but still)

@@ -357,8 +357,12 @@ def test_a_token_is_required_on_every_request_when_set(index):
         "HttpOnly" in entry.headers["set-cookie"]
         and "SameSite=Strict" in entry.headers["set-cookie"]
     )
-    client.cookies.set("imgindex_token", "s3cret-token")
-    assert client.get("/api/info").status_code == 200  # the page's cookie
+    fresh = TestClient(create_app(index, settings), base_url="http://photos.lan:8000")
+    fresh.cookies.set("imgindex_token_8000", "s3cret-token")
+    assert fresh.get("/api/info").status_code == 200  # the page's cookie, named for its port
+    fresh.cookies.set("imgindex_token_8000", "another-servers-token")
+    entry = fresh.get("/?token=s3cret-token", follow_redirects=False)
+    assert entry.status_code == 303  # the URL's token wins over a stale cookie
 
 
 def test_the_page_and_its_files(client):
@@ -496,3 +500,57 @@ def test_a_port_in_use_is_one_line(run, index):
         result.stderr.strip()
         == f"Error: cannot listen on 127.0.0.1:{port} (Address already in use)"
     )
+
+
+@pytest.mark.parametrize(
+    "method, path, body",
+    [("get", "/api/images/99999999999999999999", None),
+     ("get", "/api/images/99999999999999999999/thumbnail", None),
+     ("get", "/api/search?id=99999999999999999999", None),
+     ("get", "/api/search?like=1,99999999999999999999", None),
+     ("post", "/api/reviews", {"ids": [99999999999999999999, 1], "keep": None}),
+     ("post", "/api/reviews", {"ids": [1, 2], "keep": 99999999999999999999}),
+     ("post", "/api/reviews/undo", {"ids": [99999999999999999999]}),
+     ("post", "/api/reviews", {"ids": list(range(1, 5000)), "keep": None})],
+)  # fmt: skip
+def test_absurd_ids_are_client_errors(client, method, path, body):
+    response = client.post(path, json=body) if method == "post" else client.get(path)
+    assert response.status_code in (400, 404), (path, response.status_code, response.text)
+    assert response.json()["error"]
+
+
+def test_json_nested_too_deeply_is_a_client_error(client):
+    deep = "[" * 100_000 + "]" * 100_000
+    response = client.post("/api/reviews", content=deep,
+                           headers={"content-type": "application/json"})  # fmt: skip
+    assert response.status_code == 400
+
+
+def test_a_thumbnail_shows_only_the_indexed_content(client, index, collection, tmp_path):
+    """A file swapped for a link to a picture elsewhere: the server must not show that one."""
+    secret = tmp_path / "secret.png"
+    Image.new("RGB", (64, 64), (250, 0, 250)).save(secret)
+    victim = collection / "bonsai" / "image_0006.jpg"
+    record = index.find(victim)
+    victim.unlink()
+    os.symlink(secret, victim)
+    thumb = client.get(f"/api/images/{record.id}/thumbnail")
+    assert thumb.headers["content-type"] == "image/png"  # a placeholder
+    assert "changed since it was indexed" in thumb.headers["x-imgindex-problem"]
+
+
+def test_a_wildcard_address_answers_for_this_machines_addresses(index):
+    from imgindex.server import local_addresses
+
+    settings = ServeSettings(host="0.0.0.0", token="s3cret-token-123")
+    client = TestClient(create_app(index, settings), base_url=BASE)
+    for address in local_addresses():
+        host = f"[{address}]:8000" if ":" in address else f"{address}:8000"
+        headers = {"host": host, "authorization": "Bearer s3cret-token-123"}
+        response = client.get("/api/info", headers=headers)
+        assert response.status_code == 200, host
+
+
+def test_tokens_that_cannot_go_into_a_url_are_refused(run, index):
+    result = run("serve", "--index", index.path, "--host", "0.0.0.0", "--token", "a+b c", ok=False)
+    assert result.exit_code == 2 and "at least 16 letters" in result.stderr
