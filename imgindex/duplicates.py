@@ -25,6 +25,10 @@ import numpy as np
 from imgindex.ann import VectorIndex
 from imgindex.search import check_metric, score
 
+# The default thresholds: what they mean on real photos is measured by benchmarks/duplicates.py
+# and shown in the README.
+DEFAULT_THRESHOLDS = {"l2": 6.0, "cosine": 0.97}
+
 
 @dataclass
 class DuplicateGroup:

@@ -7,6 +7,12 @@ from __future__ import annotations
 
 import os
 
+# What to say of an index database SQLite finds damaged; SQLite is the truth, so it is lost.
+DAMAGED = (
+    "is damaged or not an SQLite database: restore the index folder from a backup, or build "
+    "a new index from the images"
+)
+
 
 class ImgIndexError(Exception):
     """Base class for every error imgindex raises on purpose."""

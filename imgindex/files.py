@@ -32,6 +32,15 @@ def is_under(path: AnyStr, root: AnyStr) -> bool:
     return path == root or path.startswith(root + sep)
 
 
+def path_text(path: str | os.PathLike[str]) -> str:
+    """The text form of a path stored and shown by imgindex.
+
+    File names are bytes on Linux and need not be UTF-8; such bytes are written as ``\\xNN`` so the
+    text is always valid (the exact bytes are kept beside it in ``raw_path``).
+    """
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
 def resolve(path: str | bytes | os.PathLike[Any]) -> Path:
     """The path under which imgindex indexes and looks up ``path``: absolute, with symbolic
     links and ``..`` resolved in its folders (a folder reached through a link is indexed under

@@ -27,22 +27,39 @@ import numpy as np
 from imgindex import ann, ingest
 from imgindex.decode import DEFAULT_MAX_PIXELS
 from imgindex.duplicates import (
+    DEFAULT_THRESHOLDS,
     DuplicateGroup,
     check_threshold,
     exact_pairs,
     group_pairs,
     neighbor_pairs,
 )
-from imgindex.errors import ImgIndexError, IncompatibleIndexError, IndexExistsError, WeightsError
+from imgindex.errors import (
+    ImageError,
+    ImgIndexError,
+    IncompatibleIndexError,
+    IndexExistsError,
+    WeightsError,
+)
 from imgindex.files import is_under, resolve
 from imgindex.model import PRESETS, Vectorizer, _split_batch, resolve_weights
-from imgindex.search import UNLIKE_WEIGHT, Hit, check_metric, combine_examples, rank_exactly
+from imgindex.search import (
+    UNLIKE_WEIGHT,
+    Hit,
+    check_cutoffs,
+    check_metric,
+    combine_examples,
+    rank_exactly,
+)
 from imgindex.store import (
+    DB_NAME,
+    FAISS_NAME,
     CheckReport,
     ImageRecord,
     NewImage,
     Store,
     database_state,
+    disk_usage,
     path_text,
 )
 from imgindex.thumbnails import THUMBNAIL_SIZE, Thumbnail, ThumbnailCache
@@ -89,6 +106,7 @@ class Index:
         _check_vectorizer_args(vectorizer_args)
         self._lock = threading.RLock()
         self._closed = False
+        self.created = False  # whether this Index created the index (see open)
         self._thumbnails: dict[int, ThumbnailCache] = {}
         self._store = store
         self._vectorizer = vectorizer
@@ -106,13 +124,15 @@ class Index:
         index_type: str | ann.IndexSpec | None = None,
         metric: str = "l2",
         wait: float = 0.0,
+        on_wait: Callable[[str], None] | None = None,
         private: bool = False,
         **vectorizer_args: Any,
     ) -> Index:
         """Open the index at ``path`` (default: :func:`default_index_path`); with ``create=True``
-        a missing index is created (``index_type``, ``metric``, ``wait`` and ``private`` as for
-        :meth:`create`; the first two do not change an existing index, ``private`` makes it
-        private)."""
+        a missing index is created (``index_type``, ``metric``, ``wait``, ``on_wait`` and
+        ``private`` as for :meth:`create`; the first two do not change an existing index,
+        ``private`` makes it private). :attr:`created` says whether this call created it (two
+        processes creating one index at once: one creates it, the other opens it)."""
         _check_vectorizer_args(vectorizer_args)
         _as_spec(index_type, metric)  # a misspelt kind or metric is an error, used or not
         path = _index_path(path)
@@ -120,7 +140,7 @@ class Index:
             try:
                 return cls.create(
                     path, vectorizer=vectorizer, index_type=index_type, metric=metric, wait=wait,
-                    private=private, **vectorizer_args,
+                    on_wait=on_wait, private=private, **vectorizer_args,
                 )  # fmt: skip
             except IndexExistsError:
                 pass  # another process created it meanwhile: open theirs
@@ -161,7 +181,25 @@ class Index:
         store = Store.create(
             path, vectorizer.fingerprint(), spec, wait=wait, on_wait=on_wait, private=private
         )
-        return cls(store, vectorizer, **vectorizer_args)
+        index = cls(store, vectorizer, **vectorizer_args)
+        index.created = True
+        return index
+
+    @staticmethod
+    def state(path: str | os.PathLike[str] | None = None) -> str:
+        """What the folder ``path`` holds: "none" (no index), "unfinished" (an index whose
+        creation was interrupted; creating one there replaces it), "foreign" (another program's
+        SQLite file) or "complete"."""
+        return database_state(_index_path(path))
+
+    @staticmethod
+    def disk_usage(path: str | os.PathLike[str] | None = None) -> dict[str, int]:
+        """Bytes of each file of the index at ``path`` (also of a closed one)."""
+        return disk_usage(_index_path(path))
+
+    # The index folder's own files, by what they hold.
+    database_name = DB_NAME
+    vectors_name = FAISS_NAME
 
     @_serialized
     def set_index_type(
@@ -231,9 +269,11 @@ class Index:
     def _check_compatible(self, vectorizer: Vectorizer) -> None:
         self._check_fingerprint(vectorizer.fingerprint(), vectorizer.weights.path)
 
-    def _check_without_the_model(self) -> None:
-        """The compatibility check, from the weights file's checksum and the preset alone (no
-        network is built): for a build that may find nothing to embed."""
+    def check_weights(self) -> None:
+        """Refuse (IncompatibleIndexError) the weights and preset this Index would embed with
+        if their vectors are not of the index's kind, from the weights file's checksum and the
+        preset alone: no network is built (for a build that may find nothing to embed, or to
+        say early that other weights cannot query this index)."""
         if self._vectorizer is not None:
             return
         weights = Vectorizer._resolve_weights(self._vectorizer_args.get("weights"))
@@ -294,7 +334,7 @@ class Index:
         """
         if isinstance(folders, (str, os.PathLike)):
             folders = [folders]
-        self._check_without_the_model()
+        self.check_weights()
         if dry_run:
             self._store.refresh()
             return ingest.build(
@@ -475,6 +515,29 @@ class Index:
         results = self.search_by_vector(vectors, k=k, metric=metric, **options)
         return results[0] if single else results
 
+    def search_each(
+        self, images: Any, k: int = 10, metric: str = "l2", channels: str = "bgr", **options: Any
+    ) -> list[list[Hit] | ImageError]:
+        """:meth:`search` for a list of images, where one that cannot be read does not cost the
+        others their answers: each entry is that image's hits, or the ImageError saying why it
+        could not be read."""
+        check_metric(metric)
+        items = list(images)
+        try:
+            vectors = self.vectorizer.vectorize_many(items, channels=channels)
+            failed: dict[int, ImageError] = {}
+        except ImageError:  # one by one, to know which
+            rows, failed = [], {}
+            for n, item in enumerate(items):
+                try:
+                    rows.append(self.vectorizer.vectorize(item, channels=channels))
+                except ImageError as exc:
+                    failed[n] = exc
+            vectors = np.stack(rows) if rows else np.empty((0, self._store.dim), np.float32)
+        found = iter(self.search_by_vector(vectors, k=k, metric=metric, **options)
+                     if len(vectors) else [])  # fmt: skip
+        return [failed[n] if n in failed else next(found) for n in range(len(items))]
+
     @_serialized
     def similar(self, image: int | str | os.PathLike[str], k: int = 10, metric: str = "l2",
                 **options: Any) -> list[Hit]:  # fmt: skip
@@ -571,10 +634,7 @@ class Index:
         """
         check_metric(metric)
         k = _check_k(k)
-        if max_distance is not None and metric != "l2":
-            raise ValueError("max_distance applies to the l2 metric; use min_similarity")
-        if min_similarity is not None and metric != "cosine":
-            raise ValueError("min_similarity applies to the cosine metric; use max_distance")
+        check_cutoffs(metric, max_distance, min_similarity)
         matrix = np.asarray(vectors, dtype=np.float32)
         single = matrix.ndim == 1
         matrix = np.atleast_2d(matrix)
@@ -625,7 +685,7 @@ class Index:
     @_serialized
     def duplicates(
         self,
-        threshold: float,
+        threshold: float | None = None,
         metric: str = "l2",
         *,
         under: str | os.PathLike[str] | None = None,
@@ -634,10 +694,13 @@ class Index:
         within: Any = None,
     ) -> list[DuplicateGroup]:
         """Groups of images whose vectors are within ``threshold`` of another member (an L2
-        distance, or a cosine similarity of at least ``threshold``); see
+        distance, or a cosine similarity of at least ``threshold``; by default
+        :data:`~imgindex.duplicates.DEFAULT_THRESHOLDS`); see
         :mod:`imgindex.duplicates`. Exact on a flat index; through each image's ``neighbors``
         nearest on an approximate one. Pairs a person has decided on, and images marked for
         removal, are left out unless ``include_reviewed`` (see :meth:`review_duplicates`)."""
+        if threshold is None:
+            threshold = DEFAULT_THRESHOLDS[check_metric(metric)]
         check_threshold(threshold, metric)
         store = self._store
         store.refresh()

@@ -52,6 +52,15 @@ def check_metric(metric: str) -> str:
     return metric
 
 
+def check_cutoffs(metric: str, max_distance: float | None, min_similarity: float | None) -> None:
+    """ValueError for a cutoff of the other metric (a distance for cosine, a similarity for
+    l2)."""
+    if max_distance is not None and metric != "l2":
+        raise ValueError("max_distance applies to the l2 metric; use min_similarity")
+    if min_similarity is not None and metric != "cosine":
+        raise ValueError("min_similarity applies to the cosine metric; use max_distance")
+
+
 def distance(a: Any, b: Any) -> Any:
     """Euclidean (L2) distance, as ``imgsim.distance``.
 

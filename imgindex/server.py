@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from imgindex.decode import DEFAULT_MAX_PIXELS
+from imgindex.duplicates import DEFAULT_THRESHOLDS
 from imgindex.errors import ImageError, ImgIndexError, IndexLockedError
 from imgindex.index import Index
 from imgindex.search import check_metric
@@ -52,7 +53,6 @@ MAX_IDS = 1000  # images in one decision
 MAX_ID = 2**63 - 1  # SQLite's largest integer
 UPLOADS_AT_ONCE = 4  # uploads embedded at the same time (each holds its bytes and pixels)
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
-DUPLICATE_THRESHOLDS = {"l2": 6.0, "cosine": 0.97}
 # The page's own files: the only names the server maps to files, and not from a request path.
 STATIC = {"app.js": "text/javascript; charset=utf-8", "app.css": "text/css; charset=utf-8"}
 
@@ -273,7 +273,7 @@ class _Api:
     @endpoint
     async def info(self, request: Any) -> Any:
         info = await self.run(self.index.info)
-        info["thresholds"] = DUPLICATE_THRESHOLDS
+        info["thresholds"] = DEFAULT_THRESHOLDS
         info["limits"] = {"max_upload_bytes": self.settings.max_upload_bytes,
                           "max_files": self.settings.max_files, "max_k": MAX_K,
                           "max_pixels": self.settings.max_pixels}  # fmt: skip
@@ -491,7 +491,7 @@ class _Api:
     async def duplicates(self, request: Any) -> Any:
         q = request.query_params
         metric = check_metric(q.get("metric", "l2"))
-        threshold = _float(q.get("threshold", str(DUPLICATE_THRESHOLDS[metric])), "threshold")
+        threshold = _float(q.get("threshold", str(DEFAULT_THRESHOLDS[metric])), "threshold")
         include = q.get("all") in ("1", "true", "yes")
         within = await self._within(q)
         groups = await self.run(self.index.duplicates, threshold, metric,

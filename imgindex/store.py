@@ -51,6 +51,7 @@ import numpy as np
 from imgindex import ann
 from imgindex.ann import IndexSpec
 from imgindex.errors import (
+    DAMAGED,
     DamagedIndexError,
     ImgIndexError,
     IncompatibleIndexError,
@@ -58,7 +59,7 @@ from imgindex.errors import (
     IndexLockedError,
     IndexNotFoundError,
 )
-from imgindex.files import is_gone, resolve
+from imgindex.files import is_gone, path_text, resolve
 from imgindex.schema import (
     DB_NAME,
     apply_migrations,
@@ -68,11 +69,6 @@ from imgindex.schema import (
     write_transaction,
 )
 
-# What to say of a database SQLite finds damaged; SQLite is the source of truth, so it is lost.
-DAMAGED = (
-    "is damaged or not an SQLite database: restore the index folder from a backup, or build "
-    "a new index from the images"
-)
 FAISS_NAME = "vectors.faiss"
 LOCK_NAME = "write.lock"
 # How long opening an index of an older imgindex waits for the write lock to upgrade it (or for
@@ -126,15 +122,6 @@ class FileState:
 # A file a build could not index: (path, reason), optionally followed by its FileState when it
 # was read and the pixel limit it was read under.
 SkippedFile = tuple[Any, ...]
-
-
-def path_text(path: str | os.PathLike[str]) -> str:
-    """The text form of a path stored and shown by imgindex.
-
-    File names are bytes on Linux and need not be UTF-8; such bytes are written as ``\\xNN`` so the
-    text is always valid (the exact bytes are kept beside it in ``raw_path``).
-    """
-    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 @dataclass
