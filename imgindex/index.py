@@ -12,13 +12,14 @@ pipeline, and exact L2 / cosine search.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import numbers
 import operator
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +108,7 @@ class Index:
         self._lock = threading.RLock()
         self._closed = False
         self.created = False  # whether this Index created the index (see open)
+        self._held = False  # write_lock() holds the write lock
         self._thumbnails: dict[int, ThumbnailCache] = {}
         self._store = store
         self._vectorizer = vectorizer
@@ -215,11 +217,8 @@ class Index:
         next sync, or :meth:`repair`)."""
         spec = _as_spec(index_type, metric)
         store = self._writable_store()
-        store.lock(wait, on_wait)  # not while another process builds the index
-        try:
+        with self._write_lock(store, wait, on_wait):  # not while another process builds the index
             store.request_index(spec)
-        finally:
-            store.unlock()
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -342,8 +341,7 @@ class Index:
                 retry_skipped=retry_skipped, dry_run=True,
             )  # fmt: skip
         store = self._writable_store()
-        store.lock(wait, on_wait)
-        try:
+        with self._write_lock(store, wait, on_wait):
             # The model is loaded only if some file needs reading (not for an unchanged folder).
             if max_pixels is None:
                 max_pixels = self._vectorizer_args.get("max_pixels")
@@ -352,8 +350,6 @@ class Index:
                 store, model, folders, progress, workers, max_pixels, remove_missing, decode,
                 retry_skipped,
             )  # fmt: skip
-        finally:
-            store.unlock()
 
     def add(
         self,
@@ -399,8 +395,7 @@ class Index:
         if dry_run:
             store.refresh()
             return sum(1 for _i, _t, raw, *_ in store.file_rows() if _under_any(raw, names))
-        store.lock(wait, on_wait)
-        try:
+        with self._write_lock(store, wait, on_wait):
             ids = [i for i, _text, raw, *_ in store.file_rows() if _under_any(raw, names)]
             removed = store.remove(ids)
             store.forget_skipped(
@@ -408,8 +403,98 @@ class Index:
             )
             store.save_vector_index()
             return removed
+
+    @_serialized
+    def add_vectors(
+        self,
+        images: Any,
+        vectors: Any,
+        *,
+        save: bool = True,
+        wait: float = 0.0,
+        on_wait: Callable[[str], None] | None = None,
+    ) -> list[int]:
+        """Add entries with vectors made elsewhere (``images``: :class:`~imgindex.store.
+        NewImage` records; ``vectors``: ``len(images) x 768``), in one transaction, as a build
+        commits a batch; with ``save``, the vector index file is written after. Returns the new
+        ids. For vectors this index's model did not make, nothing checks that they are alike:
+        synthetic collections, benchmarks, imports."""
+        store = self._writable_store()
+        with self._write_lock(store, wait, on_wait):
+            ids = store.write_batch(list(images), vectors)
+            if save:
+                store.save_vector_index()
+            return ids
+
+    @_serialized
+    def remove_ids(
+        self,
+        ids: Any,
+        *,
+        save: bool = True,
+        wait: float = 0.0,
+        on_wait: Callable[[str], None] | None = None,
+    ) -> int:
+        """Remove the entries of images ``ids`` (the files are not touched); returns how many
+        went."""
+        store = self._writable_store()
+        with self._write_lock(store, wait, on_wait):
+            removed = store.remove([int(i) for i in ids])
+            if save:
+                store.save_vector_index()
+            return removed
+
+    @_serialized
+    def save(self, *, wait: float = 0.0, on_wait: Callable[[str], None] | None = None) -> None:
+        """Write the vector index file now if it changed (a sync does this at its end), first
+        building the kind asked for if the collection has become large enough for it."""
+        store = self._writable_store()
+        with self._write_lock(store, wait, on_wait):
+            store.save_vector_index()
+
+    @contextlib.contextmanager
+    def write_lock(
+        self, wait: float = 0.0, on_wait: Callable[[str], None] | None = None
+    ) -> Iterator[None]:
+        """Hold the index's write lock (as a build holds it), for several changes in a row;
+        other processes are refused meanwhile. Writing methods of this Index work inside."""
+        with self._lock:
+            store = self._writable_store()
+            store.lock(wait, on_wait)
+            self._held = True
+        try:
+            yield
         finally:
-            store.unlock()
+            with self._lock:
+                self._held = False
+                store.unlock()
+
+    def _write_lock(
+        self, store: Store, wait: float, on_wait: Callable[[str], None] | None
+    ) -> contextlib.AbstractContextManager[None]:
+        """The write lock for one change: taken now, or already held by :meth:`write_lock`."""
+        if self._held:
+            return contextlib.nullcontext()
+        return _held_lock(store, wait, on_wait)
+
+    @_serialized
+    def vector_index_info(self) -> dict[str, Any]:
+        """What the in-memory vector index holds now: its kind and parameters, how many
+        vectors it serves, how many deleted ones it still carries (tombstones), whether its
+        base is the file memory-mapped, and how many times this Index built it anew."""
+        store = self._store
+        store.refresh()
+        vector_index = store.vector_index
+        return {
+            "kind": vector_index.spec.kind,
+            "metric": vector_index.spec.metric,
+            "params": dict(vector_index.spec.params),
+            "vectors": vector_index.ntotal,
+            "ids": vector_index.ids(),
+            "tombstones": len(vector_index.tombstones),
+            "memory_mapped": not vector_index.mutable,
+            "rebuilds": store.rebuilds,
+        }
 
     @_serialized
     def check(self, check_files: bool = True) -> CheckReport:
@@ -438,11 +523,8 @@ class Index:
     ) -> dict[str, int]:
         """Fix what can be fixed without re-embedding; see :meth:`Store.repair`."""
         store = self._writable_store()
-        store.lock(wait, on_wait)
-        try:
+        with self._write_lock(store, wait, on_wait):
             return store.repair(remove_missing=remove_missing)
-        finally:
-            store.unlock()
 
     @_serialized
     def refresh(self) -> None:
@@ -754,11 +836,8 @@ class Index:
         if keep is not None and int(self.lookup(keep).id) not in members:
             raise ValueError(f"the image to keep ({keep}) is not one of the group {members}")
         store = self._writable_store()
-        store.lock(wait, on_wait)
-        try:
+        with self._write_lock(store, wait, on_wait):
             store.review(members, None if keep is None else int(self.lookup(keep).id))
-        finally:
-            store.unlock()
 
     @_serialized
     def forget_reviews(
@@ -768,11 +847,8 @@ class Index:
         decisions went."""
         members = [int(self.lookup(i).id) for i in ids]
         store = self._writable_store()
-        store.lock(wait, on_wait)
-        try:
+        with self._write_lock(store, wait, on_wait):
             return store.forget_reviews(members)
-        finally:
-            store.unlock()
 
     @_serialized
     def marked_for_removal(self) -> list[tuple[ImageRecord, ImageRecord | None]]:
@@ -800,9 +876,8 @@ class Index:
         Returns (from, to) for each file (with ``dry_run``, what would be moved)."""
         target = resolve(folder)
         store = self._writable_store() if not dry_run else self._store
-        if not dry_run:
-            store.lock(wait, on_wait)
-        try:
+        locked = contextlib.nullcontext() if dry_run else self._write_lock(store, wait, on_wait)
+        with locked:
             store.refresh()
             records = store.get_many(store.marked_for_removal())
             moves = []
@@ -822,9 +897,6 @@ class Index:
                 done.append((record.path, path_text(moved)))
             store.save_vector_index()
             return done
-        finally:
-            if not dry_run:
-                store.unlock()
 
     @_serialized
     def page(
@@ -923,6 +995,15 @@ def _check_vectorizer_args(args: dict[str, Any]) -> None:
             f"unexpected argument(s) {', '.join(unknown)}; the vectorizer takes "
             f"{', '.join(VECTORIZER_ARGS)}"
         )
+
+
+@contextlib.contextmanager
+def _held_lock(store: Store, wait: float, on_wait: Callable[[str], None] | None) -> Iterator[None]:
+    store.lock(wait, on_wait)
+    try:
+        yield
+    finally:
+        store.unlock()
 
 
 def _free_name(folder: Path, name: bytes, taken: set[str]) -> Path:

@@ -156,6 +156,7 @@ class Store:
         self._dirty = False  # vector_index differs from the FAISS file
         self._last_save = time.monotonic()
         self._stamp = self._files_stamp()
+        self.rebuilds = 0  # times the vector index was built anew in memory (not added to)
         self.vector_index = self._load_vector_index()
         self._seen_data_version = self._data_version()
         self._reconcile()
@@ -983,6 +984,7 @@ class Store:
 
     def _rebuild(self, spec: IndexSpec) -> None:
         self.vector_index = self._build_from_sqlite(spec)
+        self.rebuilds += 1
         self._dirty = True
 
     def _build_from_sqlite(self, spec: IndexSpec) -> ann.VectorIndex:

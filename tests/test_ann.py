@@ -39,12 +39,11 @@ def make_index(tmp_path: Path, vectors: np.ndarray, index_type: str | None, metr
         NewImage(tmp_path / "img" / f"{i // 100}" / f"{i}.png", f"{i:064x}", 1, 0.0, 1, 1)
         for i in range(len(vectors))
     ]
-    store = index._store
-    store.lock()
-    for start in range(0, len(vectors), 1000):
-        store.write_batch(images[start : start + 1000], vectors[start : start + 1000])
-    store.save_vector_index()
-    store.unlock()
+    with index.write_lock():
+        for start in range(0, len(vectors), 1000):
+            part = slice(start, start + 1000)
+            index.add_vectors(images[part], vectors[part], save=False)
+        index.save()
     return index
 
 
@@ -135,35 +134,31 @@ def test_too_few_vectors_to_train_fall_back_to_flat_and_convert_later(tmp_path):
     with make_index(tmp_path, vectors[:500], "ivf-flat:nlist=16") as index:
         assert index.info()["index"]["kind"] == "flat"
         assert "needs 624 vectors to train" in index.info()["index_note"]
-        store = index._store
-        store.lock()
         extra = [NewImage(Path(f"/x/{i}.png"), f"{i:064x}", 1, 0.0, 1, 1) for i in range(500, 800)]
-        store.write_batch(extra, vectors[500:])
-        store.save_vector_index()  # now there are enough: the IVF index is trained and built
-        store.unlock()
+        index.add_vectors(extra, vectors[500:])  # saved: now there are enough, it is trained
         assert index.info()["index"]["kind"] == "ivf-flat" and index.info()["index_note"] is None
-        assert index.count() == 800 and store.vector_index.ntotal == 800
+        assert index.count() == 800 and index.vector_index_info()["vectors"] == 800
 
 
 def test_hnsw_deletions_are_filtered_and_compacted(tmp_path):
     vectors = augnet_like(2000)
     with make_index(tmp_path, vectors, "hnsw") as index:
-        store = index._store
-        store.lock()
-        store.remove(range(1, 101))  # 5%: tombstones
-        assert len(store.vector_index.tombstones) == 100
-        hits = index.search_by_vector(vectors[:50], k=5)
-        assert all(h.id > 100 for row in hits for h in row)
-        store.save_vector_index()
-        reader = imgindex.Index.open(tmp_path / "idx")  # memory-mapped, reconciled on open
-        assert reader._store.vector_index.ntotal == 1900
-        assert all(h.id > 100 for row in reader.search_by_vector(vectors[:50], k=5) for h in row)
-        store.remove(range(101, 301))  # 15% in all: the next save rebuilds without them
-        store.save_vector_index()
-        store.unlock()
-        assert len(store.vector_index.tombstones) == 0 and store.vector_index.ntotal == 1700
+        with index.write_lock():
+            index.remove_ids(range(1, 101), save=False)  # 5%: tombstones
+            assert index.vector_index_info()["tombstones"] == 100
+            hits = index.search_by_vector(vectors[:50], k=5)
+            assert all(h.id > 100 for row in hits for h in row)
+            index.save()
+            reader = imgindex.Index.open(tmp_path / "idx")  # memory-mapped, reconciled on open
+            assert reader.vector_index_info()["vectors"] == 1900
+            found = reader.search_by_vector(vectors[:50], k=5)
+            assert all(h.id > 100 for row in found for h in row)
+            index.remove_ids(range(101, 301), save=False)  # 15% in all: the next save rebuilds
+            index.save()
+        after = index.vector_index_info()
+        assert after["tombstones"] == 0 and after["vectors"] == 1700
         reader.refresh()
-        assert reader._store.vector_index.ntotal == 1700
+        assert reader.vector_index_info()["vectors"] == 1700
         reader.close()
 
 
@@ -171,19 +166,18 @@ def test_memory_mapped_reader_sees_later_writes(tmp_path):
     vectors = augnet_like(1200)
     with make_index(tmp_path, vectors[:1000], "flat") as writer:
         reader = imgindex.Index.open(tmp_path / "idx")
-        assert not reader._store.vector_index.mutable  # read-only, memory-mapped
-        store = writer._store
-        store.lock()
-        store.write_batch(
-            [NewImage(Path(f"/y/{i}.png"), f"y{i:063x}", 1, 0.0, 1, 1) for i in range(200)],
-            vectors[1000:],
-        )
-        store.remove([5])
-        store.unlock()  # not saved: the reader must reconcile from SQLite
+        assert reader.vector_index_info()["memory_mapped"]  # read-only, memory-mapped
+        with writer.write_lock():
+            writer.add_vectors(
+                [NewImage(Path(f"/y/{i}.png"), f"y{i:063x}", 1, 0.0, 1, 1) for i in range(200)],
+                vectors[1000:],
+                save=False,
+            )
+            writer.remove_ids([5], save=False)  # not saved: the reader must reconcile
         hits = reader.search_by_vector(vectors[1000], k=1)
         assert hits[0].path == "/y/0.png" and hits[0].score == 0.0
         assert 5 not in {h.id for h in reader.search_by_vector(vectors[4], k=3)}
-        assert reader._store.vector_index.ntotal == 1199
+        assert reader.vector_index_info()["vectors"] == 1199
         reader.close()
 
 
@@ -256,22 +250,20 @@ def test_memory_estimates(tmp_path):
 def test_changing_parameters_rebuilds_and_growth_does_not(tmp_path):
     vectors = augnet_like(1500)
     with make_index(tmp_path, vectors[:1000], "hnsw:M=16") as index:
-        store = index._store
-        assert store.vector_index.spec.params["M"] == 16
-        store.lock()
-        index.set_index_type("hnsw:M=24")
-        store.save_vector_index()
-        assert store.vector_index.spec.params["M"] == 24  # a new parameter: rebuilt
-        index.set_index_type("ivf-flat")  # nlist planned for the size
-        store.save_vector_index()
-        nlist = store.vector_index.spec.params["nlist"]
-        before = store.vector_index
-        extra = [NewImage(Path(f"/z/{i}.png"), f"z{i:063x}", 1, 0.0, 1, 1) for i in range(500)]
-        store.write_batch(extra, vectors[1000:])
-        store.save_vector_index()
-        assert store.vector_index is before  # more vectors: added, not rebuilt
-        assert store.vector_index.spec.params["nlist"] == nlist and index.count() == 1500
-        store.unlock()
+        built = index.vector_index_info
+        assert built()["params"]["M"] == 16
+        with index.write_lock():
+            index.set_index_type("hnsw:M=24")
+            index.save()
+            assert built()["params"]["M"] == 24  # a new parameter: rebuilt
+            index.set_index_type("ivf-flat")  # nlist planned for the size
+            index.save()
+            nlist = built()["params"]["nlist"]
+            before = built()["rebuilds"]
+            extra = [NewImage(Path(f"/z/{i}.png"), f"z{i:063x}", 1, 0.0, 1, 1) for i in range(500)]
+            index.add_vectors(extra, vectors[1000:])
+            assert built()["rebuilds"] == before  # more vectors: added, not rebuilt
+            assert built()["params"]["nlist"] == nlist and index.count() == 1500
 
 
 def test_tune_recall_counts_ties_and_small_indexes_right(tmp_path):

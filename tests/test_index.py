@@ -163,8 +163,7 @@ def test_interrupted_build_keeps_committed_batches_and_resumes(tmp_path, photos,
         committed = index.count()
     assert 0 < committed < 36
     with imgindex.Index.open(tmp_path / "idx", vectorizer=fake_vectorizer) as index:
-        store = index._store
-        assert store.vector_index.ntotal == store.count() == committed
+        assert index.vector_index_info()["vectors"] == index.count() == committed
         report = index.add(photos)
         assert (report.unchanged, report.added, index.count()) == (committed, 36 - committed, 36)
         assert len({r.path for r in index.records()}) == 36
@@ -248,10 +247,13 @@ def test_misuse_gets_imgindex_errors_that_say_what_to_do(tmp_path, photos, fake_
     with pytest.raises(imgindex.ImageError, match="no pixels"):
         index.search(np.zeros((0, 0, 3), np.uint8))
     # A second Index of this process writing is not "another process".
-    with imgindex.Index.open(tmp_path / "idx", create=True, vectorizer=fake_vectorizer) as other:
-        other._store.lock()
-        with pytest.raises(imgindex.IndexLockedError, match="another Index object of this proc"):
-            index.add(photos / "bonsai")
+    other = imgindex.Index.open(tmp_path / "idx", create=True, vectorizer=fake_vectorizer)
+    with (
+        other,
+        other.write_lock(),
+        pytest.raises(imgindex.IndexLockedError, match="another Index object of this proc"),
+    ):
+        index.add(photos / "bonsai")
     index.close()
     index.close()
     with pytest.raises(imgindex.ImgIndexError, match="was closed"):

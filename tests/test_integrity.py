@@ -247,7 +247,7 @@ def test_a_damaged_vector_the_faiss_file_lacks_is_removed_and_embedded_again(tmp
     damage_vector_in_sqlite(tmp_path / "idx", victim.id)
     with imgindex.Index.open(tmp_path / "idx", vectorizer=FakeVectorizer(device="cpu")) as ix:
         # The damaged vector is kept out of the vector index rebuilt from SQLite.
-        assert victim.id not in ix._store.vector_index.ids().tolist()
+        assert victim.id not in ix.vector_index_info()["ids"].tolist()
         done = ix.repair()
         assert done["bad_vectors_removed"] == 1 and done["rows_without_vector_removed"] == 1
         assert ix.count() == 5 and ix.check(check_files=False).ok
@@ -554,10 +554,7 @@ def test_entries_indexed_through_a_link_move_to_the_real_folder(tmp_path):
             NewImage(p, hashlib.sha256(p.read_bytes()).hexdigest(), 1, 0.0, 40, 30)
             for p in (tmp_path / "linkinc" / f"{i}.png" for i in range(3))
         ]
-        store = ix._store
-        store.lock()
-        ids = store.write_batch(old, vectors(3))  # as the older imgindex left them
-        store.unlock()
+        ids = ix.add_vectors(old, vectors(3))  # as the older imgindex left them
         report = ix.sync(tmp_path / "linkinc")
         assert (report.renamed, report.added, report.removed, report.embedded) == (3, 0, 0, 0)
         assert sorted(r.id for r in ix.records()) == ids

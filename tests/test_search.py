@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import imgindex
-from imgindex.store import NewImage, Store
+from imgindex.store import NewImage
 
 
 def test_distance_is_imgsims_euclidean_and_takes_stacks():
@@ -34,11 +34,11 @@ def test_cosine_similarity_and_its_shapes():
         imgindex.distance(np.zeros((2, 2, 2)), np.zeros(2))
 
 
-def fill(store: Store, vectors: np.ndarray) -> list[int]:
+def fill(index: imgindex.Index, vectors: np.ndarray) -> list[int]:
     images = [
         NewImage(Path(f"/img/{i}.jpg"), f"{i:064x}", 1, 0.0, 1, 1) for i in range(len(vectors))
     ]
-    return store.write_batch(images, vectors)
+    return index.add_vectors(images, vectors)
 
 
 def brute_force(vectors, ids, query, k, metric):
@@ -63,7 +63,7 @@ def test_index_search_equals_brute_force(tmp_path, fake_vectorizer, metric):
         + rng.normal(0, 0.5, (500, 768))
     ).astype(np.float32)
     with imgindex.Index.create(tmp_path / "idx", vectorizer=fake_vectorizer) as index:
-        ids = np.asarray(fill(index._store, vectors))
+        ids = np.asarray(fill(index, vectors))
         queries = np.concatenate([vectors[:5], rng.normal(size=(5, 768)).astype(np.float32)])
         results = index.search_by_vector(queries, k=25, metric=metric)
         for query, hits in zip(queries, results, strict=True):
@@ -88,7 +88,7 @@ def test_metrics_rank_differently_on_the_same_index(tmp_path, fake_vectorizer):
     a[1] = 0.5
     b = q * 10
     with imgindex.Index.create(tmp_path / "idx", vectorizer=fake_vectorizer) as index:
-        ids = fill(index._store, np.stack([a, b]))
+        ids = fill(index, np.stack([a, b]))
         assert [h.id for h in index.search_by_vector(q, k=2, metric="l2")] == [ids[0], ids[1]]
         assert [h.id for h in index.search_by_vector(q, k=2, metric="cosine")] == [ids[1], ids[0]]
 
@@ -96,7 +96,7 @@ def test_metrics_rank_differently_on_the_same_index(tmp_path, fake_vectorizer):
 def test_k_larger_than_index_and_empty_index(tmp_path, fake_vectorizer):
     with imgindex.Index.create(tmp_path / "idx", vectorizer=fake_vectorizer) as index:
         assert index.search_by_vector(np.ones(768), k=5) == []
-        fill(index._store, np.eye(3, 768, dtype=np.float32))
+        fill(index, np.eye(3, 768, dtype=np.float32))
         assert len(index.search_by_vector(np.ones(768), k=50)) == 3
         with pytest.raises(ValueError, match="768"):
             index.search_by_vector(np.ones(10))

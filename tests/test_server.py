@@ -248,10 +248,8 @@ def test_writes_while_read_only_or_locked_are_refused_with_the_reason(
     assert read_only.status_code == 409 and "cannot be written" in read_only.json()["error"]
     monkeypatch.undo()
     assert client.get(f"/api/search?id={ids[0]}").status_code == 200  # still serving
-    with imgindex.Index.open(index.path) as writer:
-        writer._store.lock()  # as a build in another process holds it
+    with imgindex.Index.open(index.path) as writer, writer.write_lock():  # as a build holds it
         locked = client.post("/api/reviews", json={"ids": ids, "keep": ids[0]})
-        writer._store.unlock()
     assert locked.status_code == 423 and "writing to this index" in locked.json()["error"]
 
 
