@@ -309,7 +309,9 @@ def ingest_method(
 def without_forward(vectorizer: imgindex.Vectorizer) -> imgindex.Vectorizer:
     """A copy of ``vectorizer`` that moves each batch to its device but computes nothing (its
     vectors are zeros)."""
-    from imgindex.model import EMBEDDING_DIM, PendingVectors, to_device
+    from imgindex.devices import to_device
+    from imgindex.model import PendingVectors
+    from imgindex.weights import EMBEDDING_DIM
 
     stand_in = copy.copy(vectorizer)
 

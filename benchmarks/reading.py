@@ -38,7 +38,7 @@ from ingest import DEFAULT_IMAGES, make_resized
 
 from imgindex.decode import pillow_block_cache, read_image_file
 from imgindex.files import walk_images
-from imgindex.model import PRESETS
+from imgindex.preprocessing import PRESETS
 
 
 def main() -> None:

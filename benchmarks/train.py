@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
+from imgindex.devices import resolve_device
 from imgindex.files import walk_images
-from imgindex.model import resolve_device
 from imgindex.train import (
     EvalSet,
     TrainOptions,

@@ -22,7 +22,7 @@ from imgindex.train import CPU_STEP, step_memory
 PROBE = """
 import json, resource, sys, time
 import torch
-from imgindex.model import build_network
+from imgindex.weights import build_network
 from imgindex.train import TrainOptions, _training_mode, train_step
 
 arch, images, views, crop = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])

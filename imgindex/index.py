@@ -43,7 +43,8 @@ from imgindex.errors import (
     WeightsError,
 )
 from imgindex.files import is_under, resolve
-from imgindex.model import PRESETS, Vectorizer, _split_batch, resolve_weights
+from imgindex.model import Vectorizer, _split_batch
+from imgindex.preprocessing import PRESETS
 from imgindex.search import (
     UNLIKE_WEIGHT,
     Hit,
@@ -64,6 +65,7 @@ from imgindex.store import (
     path_text,
 )
 from imgindex.thumbnails import THUMBNAIL_SIZE, Thumbnail, ThumbnailCache
+from imgindex.weights import resolve_weights
 
 INDEX_ENV = "IMGINDEX_INDEX"
 

@@ -17,7 +17,7 @@ One training step, following one batch from files to weights:
    compares each view with the centre of its own image's views and with the other images'
    centres; AdamW updates the weights.
 
-Checkpoints (``model.write_checkpoint``) are written atomically, record how they were made, and
+Checkpoints (``weights.write_checkpoint``) are written atomically, record how they were made, and
 load through the same safe loader as the stock weights; the ``.last.pth`` one also holds the
 optimizer, so an interrupted run resumes where it stopped. With an evaluation set, mAP is
 measured before training and at every checkpoint, and the best weights are kept.
@@ -42,20 +42,19 @@ import numpy as np
 
 from imgindex.ann import available_memory
 from imgindex.decode import DEFAULT_MAX_PIXELS, decode_image_bytes, read_file, read_image_file
+from imgindex.devices import device_constant, resolve_device
 from imgindex.errors import ImageError, ImgIndexError, WeightsError
 from imgindex.evaluate import RetrievalScores, evaluate_vectors, require_a_repeated_label
 from imgindex.ingest import default_workers
-from imgindex.model import (
+from imgindex.model import Vectorizer
+from imgindex.preprocessing import PRESETS
+from imgindex.weights import (
     ARCHS,
     EMBEDDING_DIM,
-    PRESETS,
-    Vectorizer,
     build_network,
-    device_constant,
     load_network,
     network_arch,
     read_checkpoint,
-    resolve_device,
     resolve_weights,
     write_checkpoint,
 )

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import imgindex
-from imgindex.model import EMBEDDING_DIM, Vectorizer, Weights
+from imgindex.model import Vectorizer
+from imgindex.weights import EMBEDDING_DIM, Weights
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "data"

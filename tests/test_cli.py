@@ -197,7 +197,7 @@ def test_other_weights_are_refused_with_a_way_forward(tmp_path):
     """An index built with imgsim's weights refuses a query with another checkpoint."""
     import torch
 
-    from imgindex.model import default_weights_path
+    from imgindex.weights import default_weights_path
 
     state = torch.load(default_weights_path(), map_location="cpu", weights_only=True)
     key = next(k for k in state if k.endswith("fc.bias"))
@@ -540,7 +540,7 @@ def test_get_with_a_path_says_to_use_find(tmp_path):
 
 def test_random_bytes_as_weights_are_not_said_to_run_code(tmp_path):
     from imgindex.errors import WeightsError
-    from imgindex.model import read_checkpoint
+    from imgindex.weights import read_checkpoint
 
     junk = tmp_path / "junk.pth"
     for seed in range(30):  # (random bytes fail in several ways inside torch.load)

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 import imgindex
-from imgindex.model import PaddedForward, build_network
+from imgindex.model import PaddedForward
 from imgindex.train import TrainOptions, train
+from imgindex.weights import build_network
 
 from .conftest import DATA
 

@@ -433,7 +433,8 @@ def test_a_folder_without_permission_keeps_its_entries_for_real(tmp_path):
 def test_weights_with_nan_are_refused(tmp_path):
     import torch
 
-    from imgindex.model import Vectorizer, build_network, write_checkpoint
+    from imgindex.model import Vectorizer
+    from imgindex.weights import build_network, write_checkpoint
 
     network = build_network("resnet18")
     with torch.no_grad():

@@ -14,14 +14,8 @@ from PIL import Image
 
 import imgindex
 from imgindex.errors import ImageError, WeightsError
-from imgindex.model import (
-    AUGNET_SHA256,
-    Preprocessing,
-    default_weights_path,
-    load_network,
-    opencv_bilinear_resize,
-    resolve_weights,
-)
+from imgindex.preprocessing import Preprocessing, opencv_bilinear_resize
+from imgindex.weights import AUGNET_SHA256, default_weights_path, load_network, resolve_weights
 
 from .conftest import DATA
 
@@ -107,7 +101,7 @@ def test_tampered_default_weights_are_refused(monkeypatch, tmp_path):
     with open(copy, "r+b") as fh:
         fh.seek(5_000_000)
         fh.write(b"\x00\x01\x02\x03")
-    monkeypatch.setattr(imgindex.model, "default_weights_path", lambda: copy)
+    monkeypatch.setattr(imgindex.weights, "default_weights_path", lambda: copy)
     with pytest.raises(WeightsError, match="expected c2cb3cac"):
         resolve_weights()
 
@@ -207,7 +201,8 @@ def test_real_batches_equal_one_by_one(augnet):
 
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
 def test_padded_forward_equals_each_image_at_its_own_size(arch):
-    from imgindex.model import PaddedForward, build_network
+    from imgindex.model import PaddedForward
+    from imgindex.weights import build_network
 
     torch.manual_seed(0)
     network = build_network(arch).eval()
@@ -250,7 +245,7 @@ def test_padded_batches_give_the_vectors_of_exact_shapes(augnet):
 
 
 def test_padded_groups_pad_the_batch_size_without_changing_vectors():
-    from imgindex.model import build_network
+    from imgindex.weights import build_network
 
     from .conftest import FakeVectorizer
 
@@ -275,7 +270,7 @@ def test_padded_groups_pad_the_batch_size_without_changing_vectors():
 
 
 def test_device_constants_are_made_once_and_serve_training_too():
-    from imgindex.model import device_constant
+    from imgindex.devices import device_constant
 
     with torch.inference_mode():  # first asked for while embedding
         first = device_constant((0.5, 2.0), "cpu")
@@ -286,7 +281,7 @@ def test_device_constants_are_made_once_and_serve_training_too():
 
 
 def test_resize_beyond_the_kept_scratch_memory(monkeypatch):
-    from imgindex.model import _Scratch
+    from imgindex.preprocessing import _Scratch
 
     monkeypatch.setattr(_Scratch, "keep_bytes", 100_000)  # less than this image's arrays
     monkeypatch.setattr(_Scratch, "_threads", threading.local())  # this test's own buffers

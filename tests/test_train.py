@@ -18,8 +18,9 @@ from imgindex.cli import cli
 from imgindex.errors import IncompatibleIndexError, WeightsError
 from imgindex.evaluate import evaluate_vectors
 from imgindex.files import walk_images
-from imgindex.model import AUGNET_SHA256, Vectorizer, build_network, read_checkpoint
+from imgindex.model import Vectorizer
 from imgindex.train import EvalSet, TrainOptions, last_path, photometric, train
+from imgindex.weights import AUGNET_SHA256, build_network, read_checkpoint
 
 from .conftest import DATA, random_image
 
@@ -290,7 +291,7 @@ def test_fine_tuning_the_real_augnet(tmp_path):
     report = train(images("pizza", "bonsai"), out, options, steps=2, device="cpu")
     meta = read_checkpoint(out).meta
     assert report.steps == 2 and meta["base_weights_sha256"] == AUGNET_SHA256
-    stock = read_checkpoint(imgindex.model.default_weights_path()).state
+    stock = read_checkpoint(imgindex.weights.default_weights_path()).state
     tuned = read_checkpoint(out).state
     # Batch-norm statistics stay frozen when fine-tuning; the weights move.
     assert torch.equal(stock["0.bn1.running_mean"], tuned["0.bn1.running_mean"])

@@ -14,8 +14,8 @@ from typing import Any
 import click
 
 from imgindex.cli.output import shown
+from imgindex.devices import DEVICE_NAME
 from imgindex.errors import ImgIndexError
-from imgindex.model import DEVICE_NAME
 
 
 def index_option(fn: Callable[..., Any]) -> Callable[..., Any]:

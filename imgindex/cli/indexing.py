@@ -140,7 +140,7 @@ def build(
 
 def _parse_index_type(text: str, metric: str) -> Any:
     from imgindex.ann import parse_index_type
-    from imgindex.model import EMBEDDING_DIM
+    from imgindex.weights import EMBEDDING_DIM
 
     parsed = parse_index_type(text, metric)
     if parsed is not None:
@@ -533,6 +533,6 @@ def _index_type_line(details: dict[str, Any]) -> str:
 
 
 def _is_default(sha: str) -> bool:
-    from imgindex.model import AUGNET_SHA256
+    from imgindex.weights import AUGNET_SHA256
 
     return sha == AUGNET_SHA256

@@ -319,8 +319,8 @@ def train(
     10 minutes); Ctrl-C stops early and keeps a checkpoint. Index with the result:
     `imgindex build FOLDER --weights OUT`.
     """
+    from imgindex.devices import resolve_device
     from imgindex.files import walk_images
-    from imgindex.model import resolve_device
     from imgindex.train import TrainOptions, default_step, step_memory
     from imgindex.train import train as run_training
 
