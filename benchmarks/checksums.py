@@ -22,8 +22,12 @@ from pathlib import Path
 
 import numpy as np
 
-from imgindex.ann import FileDigest, IndexSpec
-from imgindex.store import FAISS_NAME, NewImage, Store
+from imgindex.ann import IndexSpec
+from imgindex.atomic import FileDigest
+from imgindex.catalog import NewImage
+from imgindex.folder import FAISS_NAME
+from imgindex.mirror import build_from
+from imgindex.store import Store
 
 FINGERPRINT = {"model": "m", "weights_sha256": "0" * 64, "dim": 768, "preprocessing": {}}
 
@@ -62,7 +66,7 @@ def main() -> None:
             FileDigest.of_file(folder / FAISS_NAME)
 
         def rebuild() -> None:
-            store._build_from_sqlite(IndexSpec("flat"))
+            build_from(store, IndexSpec("flat"))
 
         blobs = [row[0] for row in store.db.execute("SELECT vector FROM vectors")]
 

@@ -30,8 +30,9 @@ import numpy as np
 
 import imgindex
 from imgindex.ann import IndexSpec
+from imgindex.catalog import NewImage
 from imgindex.files import walk_images
-from imgindex.store import NewImage, Store
+from imgindex.store import Store
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from scale import CACHE, DATASET, real_vectors, synthetic

@@ -32,7 +32,10 @@ import numpy as np
 
 import imgindex
 from imgindex.ann import IndexSpec
-from imgindex.store import FAISS_NAME, NewImage, Store
+from imgindex.catalog import NewImage
+from imgindex.folder import FAISS_NAME
+from imgindex.mirror import Mirror
+from imgindex.store import Store
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / "benchmarks" / ".cache" / "caltech-exact"
@@ -98,7 +101,7 @@ def main() -> None:
         memory = built.memory_bytes() / args.n
         disk = (location / FAISS_NAME).stat().st_size / args.n
         log(f"{kind}: built {built.spec.describe()} in {build_seconds:.0f} s")
-        store.vector_index = None  # free the writer's copy before the reader measures
+        store.mirror.vector_index = None  # free the writer's copy before the reader measures
         reader, open_seconds, rss = open_reader(location)
         for params in SETTINGS[kind]:
             latencies, found = [], []
@@ -137,7 +140,7 @@ def main() -> None:
             rows.append(row)
             log(json.dumps(row))
         reader.close()
-        store.vector_index = store._load_vector_index()
+        store.mirror = Mirror.load(store, mmap=False)
     store.unlock()
     store.close()
     print_table(rows, args)

@@ -13,6 +13,7 @@ Search a collection::
         hits = index.search("query.jpg", k=5)
 """
 
+from imgindex.catalog import ImageRecord
 from imgindex.duplicates import DuplicateGroup
 from imgindex.errors import (
     ImageError,
@@ -27,7 +28,7 @@ from imgindex.index import Index, default_index_path
 from imgindex.ingest import BuildReport, Skipped
 from imgindex.model import Vectorizer
 from imgindex.search import Hit, cosine_similarity, distance
-from imgindex.store import CheckReport, ImageRecord
+from imgindex.store import CheckReport
 
 __version__ = "0.1.0"
 

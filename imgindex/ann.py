@@ -21,18 +21,16 @@ IVF-PQ, or a raw FAISS factory string for experts.
 from __future__ import annotations
 
 import contextlib
-import errno
 import math
-import os
 import re
-import secrets
-import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from imgindex.atomic import FileDigest, write_new
 
 KINDS = ("flat", "hnsw", "ivf-flat", "ivf-pq", "factory")
 # Defaults chosen with benchmarks/scale.py (1M AugNet-like vectors, 2 cores).
@@ -688,71 +686,10 @@ def _base_bytes(base: Any) -> int:
     return n * getattr(inner, "code_size", 4 * base.d) + ids
 
 
-@dataclass(frozen=True)
-class FileDigest:
-    """The size and CRC-32 of a file, recorded when it is written and checked when it is read:
-    a file damaged on disk (flipped bits, a torn write) is then known to be damaged."""
-
-    size: int
-    crc32: int
-
-    def as_dict(self) -> dict[str, int]:
-        return {"bytes": self.size, "crc32": self.crc32}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> FileDigest:
-        return cls(int(data["bytes"]), int(data["crc32"]))
-
-    @classmethod
-    def of_file(cls, path: Path, expected_size: int | None = None) -> FileDigest | None:
-        """The digest of the file at ``path`` (None if it cannot be read). A file whose size is
-        not ``expected_size`` is not read: its digest cannot match."""
-        crc = 0
-        try:
-            with open(path, "rb") as fh:
-                size = os.fstat(fh.fileno()).st_size
-                if expected_size is not None and size != expected_size:
-                    return cls(size, -1)
-                while block := fh.read(1 << 22):
-                    crc = zlib.crc32(block, crc)
-        except OSError:
-            return None
-        return cls(size, crc)
-
-
 def write_temporary(faiss: Any, index: Any, target: Path) -> tuple[Path, FileDigest]:
-    """Write ``index`` to a new file beside ``target`` and make it durable; return its path
-    and digest. The name is unpredictable and the file created exclusively, never through a
-    link planted there. Every byte goes through Python's own writes, so a full disk or any
-    other write error raises (``faiss.write_index`` to a file name only prints a failed close
-    and returns), and the size on disk is checked against what was written."""
-    temp = target.with_name(f".{target.name}.{secrets.token_hex(8)}.tmp")
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
-    flags |= getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
-    fd = os.open(temp, flags, 0o644)
-    written = {"size": 0, "crc32": 0}
-
-    def sink(data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            done = os.write(fd, view)
-            view = view[done:]
-        written["size"] += len(data)
-        written["crc32"] = zlib.crc32(data, written["crc32"])
-
-    try:
-        try:
-            faiss.write_index(index, faiss.PyCallbackIOWriter(sink))
-            os.fsync(fd)
-            on_disk = os.fstat(fd).st_size
-        finally:
-            os.close(fd)
-        if on_disk != written["size"]:
-            raise OSError(
-                errno.EIO, f"{on_disk} bytes on disk where {written['size']} were written"
-            )
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            temp.unlink()
-        raise
-    return temp, FileDigest(written["size"], written["crc32"])
+    """Write ``index`` to a new file beside ``target`` (:func:`imgindex.atomic.write_new`);
+    return its path and digest. ``faiss.write_index`` to a file name only prints a failed close
+    and returns, so every byte goes through Python's own writes instead."""
+    return write_new(
+        target, lambda fh: faiss.write_index(index, faiss.PyCallbackIOWriter(fh.write))
+    )

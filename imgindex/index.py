@@ -1,8 +1,8 @@
 """The Python search API: an :class:`Index` is a folder of images you can add to and search.
 
-It ties the pieces together: a :class:`~imgindex.store.Store` (SQLite + FAISS), a
-:class:`~imgindex.model.Vectorizer` loaded only when images must be embedded, the ingest
-pipeline, and exact L2 / cosine search.
+It ties the pieces together: a :class:`~imgindex.store.Store` (the SQLite catalog and its
+FAISS mirror), a :class:`~imgindex.model.Vectorizer` loaded only when images must be
+embedded, the ingest pipeline, and exact L2 / cosine search.
 
     with imgindex.Index.open("photos.idx", create=True) as index:
         index.add(["~/Pictures"])
@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from imgindex import ann, ingest
+from imgindex.catalog import ImageRecord, NewImage
 from imgindex.decode import DEFAULT_MAX_PIXELS
 from imgindex.duplicates import (
     DEFAULT_THRESHOLDS,
@@ -42,9 +43,11 @@ from imgindex.errors import (
     IndexExistsError,
     WeightsError,
 )
-from imgindex.files import is_under, resolve
+from imgindex.files import is_under, path_text, resolve
+from imgindex.folder import FAISS_NAME, disk_usage
 from imgindex.model import Vectorizer, _split_batch
 from imgindex.preprocessing import PRESETS
+from imgindex.schema import DB_NAME
 from imgindex.search import (
     UNLIKE_WEIGHT,
     Hit,
@@ -53,17 +56,7 @@ from imgindex.search import (
     combine_examples,
     rank_exactly,
 )
-from imgindex.store import (
-    DB_NAME,
-    FAISS_NAME,
-    CheckReport,
-    ImageRecord,
-    NewImage,
-    Store,
-    database_state,
-    disk_usage,
-    path_text,
-)
+from imgindex.store import CheckReport, Store, database_state
 from imgindex.thumbnails import THUMBNAIL_SIZE, Thumbnail, ThumbnailCache
 from imgindex.weights import resolve_weights
 
@@ -416,7 +409,7 @@ class Index:
         wait: float = 0.0,
         on_wait: Callable[[str], None] | None = None,
     ) -> list[int]:
-        """Add entries with vectors made elsewhere (``images``: :class:`~imgindex.store.
+        """Add entries with vectors made elsewhere (``images``: :class:`~imgindex.catalog.
         NewImage` records; ``vectors``: ``len(images) x 768``), in one transaction, as a build
         commits a batch; with ``save``, the vector index file is written after. Returns the new
         ids. For vectors this index's model did not make, nothing checks that they are alike:

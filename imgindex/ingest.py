@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
+from imgindex.catalog import FileState, NewImage, SkippedFile
 from imgindex.decode import (
     DEFAULT_MAX_PIXELS,
     decode_image_bytes,
@@ -43,8 +44,8 @@ from imgindex.decode import (
     read_file,
 )
 from imgindex.errors import DamagedIndexError, ImageError, ImgIndexError
-from imgindex.files import is_gone, is_under, resolve, resolve_roots, walk_images
-from imgindex.store import FileState, NewImage, SkippedFile, Store, path_text
+from imgindex.files import is_gone, is_under, path_text, resolve, resolve_roots, walk_images
+from imgindex.store import Store
 
 if TYPE_CHECKING:
     import torch

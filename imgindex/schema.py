@@ -10,7 +10,7 @@ What the tables hold, after every migration:
 * ``meta``: the index's settings (model, weights, preprocessing, the vector index kind) and the
   size and CRC-32 of the FAISS file last saved;
 * ``images``: one row per indexed file. Its key is ``raw_path``, the file name's bytes; ``path``
-  is the same name as text (:func:`~imgindex.store.path_text`), for showing, and two names can
+  is the same name as text (:func:`~imgindex.files.path_text`), for showing, and two names can
   share it. ``id`` is never reused (AUTOINCREMENT): it is also the FAISS id;
 * ``vectors``: the vector of each image (768 little-endian float32) and its CRC-32, so that a
   damaged vector is recognised as what it is;

@@ -16,12 +16,12 @@ import hashlib
 import io
 import os
 import re
-import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
 
+from imgindex.atomic import write_file
 from imgindex.decode import DEFAULT_MAX_PIXELS, decode_image_bytes, read_file
 from imgindex.errors import ImageError
 
@@ -154,13 +154,4 @@ class ThumbnailCache:
             return
         with contextlib.suppress(OSError):
             file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            temp = file.with_name(f".{file.name}.{secrets.token_hex(6)}.tmp")
-            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
-            fd = os.open(temp, flags, 0o644)
-            try:
-                with os.fdopen(fd, "wb") as fh:
-                    fh.write(data)
-                os.replace(temp, file)
-            finally:
-                with contextlib.suppress(FileNotFoundError):
-                    temp.unlink()
+            write_file(file, lambda fh: fh.write(data), durable=False)

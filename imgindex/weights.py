@@ -11,7 +11,6 @@ checkpoints carry their architecture, preprocessing and a digest of their tensor
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib.metadata
 import os
@@ -20,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from imgindex.atomic import write_file
 from imgindex.errors import WeightsError
 
 if TYPE_CHECKING:
@@ -200,7 +200,7 @@ def write_checkpoint(
     training: dict[str, Any] | None = None,
 ) -> None:
     """Save ``network`` (with ``meta``, and ``training`` state for resuming) atomically: to a
-    temporary file, flushed to disk, then renamed over ``path``."""
+    temporary file, flushed to disk, then renamed over ``path`` (:mod:`imgindex.atomic`)."""
     import json
 
     import torch
@@ -217,16 +217,7 @@ def write_checkpoint(
     if training is not None:
         payload["training"] = training
     path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(temp, "wb") as fh:
-            torch.save(payload, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(temp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            temp.unlink()
+    write_file(path, lambda fh: torch.save(payload, fh))
 
 
 def load_network(weights: Weights) -> torch.nn.Module:

@@ -11,7 +11,7 @@ import pytest
 import imgindex
 import imgindex.evaluate
 from imgindex.ann import IndexSpec, parse_index_type, plan
-from imgindex.store import NewImage
+from imgindex.catalog import NewImage
 
 from .conftest import FakeVectorizer
 
@@ -299,7 +299,7 @@ def test_a_kill_between_writing_the_faiss_file_and_recording_its_kind(
 
     store = Store.open(tmp_path / "idx", writable=True)
     store.lock()
-    monkeypatch.setattr(imgindex.store, "_fsync_folder", die_after_the_rename)
+    monkeypatch.setattr(imgindex.atomic, "fsync_folder", die_after_the_rename)
     with pytest.raises(SystemExit):
         store.save_vector_index()
     store.unlock()

@@ -19,9 +19,14 @@ import torch
 
 import imgindex
 import imgindex.ann
+import imgindex.atomic
+import imgindex.folder
 import imgindex.store
+from imgindex.catalog import NewImage
 from imgindex.errors import DamagedIndexError, ImgIndexError, WeightsError
-from imgindex.store import DB_NAME, FAISS_NAME, NewImage, Store
+from imgindex.folder import FAISS_NAME
+from imgindex.schema import DB_NAME
+from imgindex.store import Store
 
 from .conftest import FakeVectorizer, random_image, refuse_listing
 
@@ -60,7 +65,7 @@ def test_faiss_reports_a_failed_write_only_on_stderr(tmp_path, monkeypatch):
     faiss.write_index(index, "/dev/full")  # no exception: this is what must not be trusted
     real_open = os.open
     monkeypatch.setattr(
-        imgindex.ann.os, "open", lambda *a, **k: real_open("/dev/full", os.O_WRONLY)
+        imgindex.atomic.os, "open", lambda *a, **k: real_open("/dev/full", os.O_WRONLY)
     )
     with pytest.raises(OSError) as failed:
         imgindex.ann.write_temporary(faiss, index, tmp_path / FAISS_NAME)
@@ -96,11 +101,11 @@ def test_a_failed_save_at_any_point_is_an_error_and_keeps_the_old_file(
         raise sqlite3.OperationalError("database or disk is full")
 
     if fails in ("first write", "a later write"):
-        monkeypatch.setattr(imgindex.ann.os, "write", write)
+        monkeypatch.setattr(imgindex.atomic.os, "write", write)
     elif fails == "size on disk":
-        monkeypatch.setattr(imgindex.ann.os, "fstat", fstat)
+        monkeypatch.setattr(imgindex.atomic.os, "fstat", fstat)
     elif fails == "fsync":
-        monkeypatch.setattr(imgindex.ann.os, "fsync", fail)
+        monkeypatch.setattr(imgindex.atomic.os, "fsync", fail)
     elif fails == "recording":
         monkeypatch.setattr(store, "_set_meta", fail_sql)
     else:
@@ -125,7 +130,7 @@ def test_short_writes_are_completed(tmp_path, monkeypatch):
     store.write_batch(images(3, start=10), vectors(3, seed=1))
     real_write = os.write
     monkeypatch.setattr(
-        imgindex.ann.os, "write", lambda fd, data: real_write(fd, bytes(data)[:1000])
+        imgindex.atomic.os, "write", lambda fd, data: real_write(fd, bytes(data)[:1000])
     )
     store.save_vector_index()
     monkeypatch.undo()
@@ -314,7 +319,7 @@ def test_an_older_index_opened_by_several_processes_at_once_is_upgraded_once(tmp
     import threading
 
     folder = make_old_index(tmp_path)
-    held = imgindex.store._take_lock(folder, 0.0, None)  # as another process upgrading it
+    held = imgindex.folder.take_lock(folder, 0.0, None)  # as another process upgrading it
     threading.Timer(1.0, held.close).start()
     reader = Store.open(folder)  # waits for the lock, then upgrades
     assert reader.count() == 3
@@ -339,7 +344,7 @@ def test_two_interrupted_saves_in_a_row_leave_a_file_the_index_recognises(tmp_pa
 
     store = saved_store(tmp_path)
     store.write_batch(images(2, start=10), vectors(2, seed=1))
-    monkeypatch.setattr(imgindex.store, "_fsync_folder", die)  # killed after the rename
+    monkeypatch.setattr(imgindex.atomic, "fsync_folder", die)  # killed after the rename
     with pytest.raises(SystemExit):
         store.save_vector_index()
     monkeypatch.undo()

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import imgindex
-from imgindex.store import NewImage
+from imgindex.catalog import NewImage
 
 
 def test_distance_is_imgsims_euclidean_and_takes_stacks():

@@ -13,7 +13,9 @@ import pytest
 import imgindex
 import imgindex.store
 from imgindex.errors import ImgIndexError
-from imgindex.store import DB_NAME, FAISS_NAME, LOCK_NAME, Store
+from imgindex.folder import FAISS_NAME, LOCK_NAME
+from imgindex.schema import DB_NAME
+from imgindex.store import Store
 
 from .conftest import FakeVectorizer, random_image
 

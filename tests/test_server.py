@@ -18,6 +18,7 @@ import pytest
 from PIL import Image
 
 import imgindex
+import imgindex.catalog
 import imgindex.store
 
 from .conftest import DATA, FakeVectorizer, random_image
@@ -293,7 +294,7 @@ def test_folder_filters_never_look_at_the_disk(client, monkeypatch):
         raise AssertionError(f"the file system was asked about {path}")
 
     monkeypatch.setattr(imgindex.files, "resolve", refuse)
-    monkeypatch.setattr(imgindex.store, "resolve", refuse)
+    monkeypatch.setattr(imgindex.catalog, "resolve", refuse)
     assert client.get("/api/images", params={"under": "/etc/../../"}).json()["total"] == 0
     assert client.get("/api/search", params={"id": 1, "under": "/"}).status_code == 200
     assert client.get("/api/duplicates", params={"under": "/nowhere"}).status_code == 200

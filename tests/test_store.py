@@ -9,12 +9,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from imgindex.catalog import NewImage
 from imgindex.errors import (
     IncompatibleIndexError,
     IndexLockedError,
     IndexNotFoundError,
 )
-from imgindex.store import DB_NAME, FAISS_NAME, NewImage, Store, path_text
+from imgindex.files import path_text
+from imgindex.folder import FAISS_NAME
+from imgindex.schema import DB_NAME
+from imgindex.store import Store
 
 FINGERPRINT = {"model": "m", "weights_sha256": "a" * 64, "dim": 768, "preprocessing": {"x": 1}}
 
@@ -209,7 +213,7 @@ def test_creating_waits_for_whoever_holds_the_lock_and_then_finds_their_index(tm
     """Two processes creating one index: the second waits on the lock (or is refused without
     --wait), then sees the first's index instead of creating a second one over it."""
     from imgindex.errors import IndexExistsError
-    from imgindex.store import _take_lock
+    from imgindex.folder import take_lock as _take_lock
 
     path = tmp_path / "idx"
     path.mkdir()
