@@ -24,20 +24,11 @@ from pathlib import Path
 
 import torch
 
-from imgindex.devices import resolve_device
+from imgindex.augment import Batches, ViewSource, collate
+from imgindex.devices import memory_format, resolve_device
 from imgindex.files import walk_images
-from imgindex.train import (
-    EvalSet,
-    TrainOptions,
-    ViewSource,
-    _Batches,
-    _collate,
-    _default_workers,
-    _memory,
-    _start_network,
-    train,
-    train_step,
-)
+from imgindex.objective import train_step
+from imgindex.train import EvalSet, TrainOptions, _default_workers, _start_network, train
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATASET = ROOT.parent / "shared" / "datasets" / "caltech101-dev"
@@ -176,9 +167,9 @@ def measure_loader(paths, options: TrainOptions, workers: int, seconds: float) -
     source = ViewSource(paths, options.views_per_image, options.crop_size, 0)
     loader = torch.utils.data.DataLoader(
         source,
-        batch_sampler=_Batches(len(paths), options.images_per_step, 0),
+        batch_sampler=Batches(len(paths), options.images_per_step, 0),
         num_workers=workers,
-        collate_fn=_collate,
+        collate_fn=collate,
         prefetch_factor=4 if workers else None,
     )
     batches = iter(loader)
@@ -197,7 +188,7 @@ def measure_steps(options: TrainOptions, device: str, seconds: float) -> float:
     and update, on random views already on the device."""
     network, _ = _start_network(options)
     on_gpu = device.startswith("cuda")
-    network = network.to(device).to(memory_format=_memory(device)).train()
+    network = network.to(device).to(memory_format=memory_format(device)).train()
     optimizer = torch.optim.AdamW(network.parameters(), lr=1e-6)
     n = options.images_per_step * options.views_per_image
     size = options.crop_size

@@ -23,7 +23,8 @@ PROBE = """
 import json, resource, sys, time
 import torch
 from imgindex.weights import build_network
-from imgindex.train import TrainOptions, _training_mode, train_step
+from imgindex.objective import train_step
+from imgindex.train import TrainOptions, _training_mode
 
 arch, images, views, crop = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 options = TrainOptions(arch=arch, init="scratch", images_per_step=images,

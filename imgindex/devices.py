@@ -74,3 +74,10 @@ def default_precision(preset: str, device: str) -> str:
         return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
     except (AttributeError, RuntimeError):
         return "fp32"
+
+
+def memory_format(device: str) -> Any:
+    """The tensor layout convolutions run fastest in on ``device``: channels_last on a GPU."""
+    import torch
+
+    return torch.channels_last if device.startswith("cuda") else torch.contiguous_format

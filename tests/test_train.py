@@ -14,12 +14,13 @@ import torch
 from click.testing import CliRunner
 
 import imgindex
+from imgindex.augment import photometric
 from imgindex.cli import cli
 from imgindex.errors import IncompatibleIndexError, WeightsError
 from imgindex.evaluate import evaluate_vectors
 from imgindex.files import walk_images
 from imgindex.model import Vectorizer
-from imgindex.train import EvalSet, TrainOptions, last_path, photometric, train
+from imgindex.train import EvalSet, TrainOptions, last_path, train
 from imgindex.weights import AUGNET_SHA256, build_network, read_checkpoint
 
 from .conftest import DATA, random_image
@@ -201,7 +202,7 @@ def test_photometric_augmentation():
 def test_a_rotated_view_is_the_crop_of_the_rotated_picture():
     from PIL import Image
 
-    from imgindex.train import _MEAN_RGB, _random_box, _rotated_crop
+    from imgindex.augment import _MEAN_RGB, _random_box, _rotated_crop
 
     rng = random.Random(3)
     photo = Image.open(DATA / "Leopards" / "image_0002.jpg").convert("RGB")
@@ -215,7 +216,7 @@ def test_a_rotated_view_is_the_crop_of_the_rotated_picture():
 
 
 def test_augnet_loss_against_a_direct_computation():
-    from imgindex.train import augnet_loss
+    from imgindex.objective import augnet_loss
 
     images, views, margin = 3, 4, 1.0
     e = torch.randn(images * views, 768, generator=torch.Generator().manual_seed(1)) * 0.05
@@ -233,7 +234,7 @@ def test_augnet_loss_against_a_direct_computation():
 
 
 def test_hue_rotation_keeps_luma_and_a_full_turn_is_the_identity():
-    from imgindex.train import _rotate_hue
+    from imgindex.augment import _rotate_hue
 
     x = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(2))
     luma = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
@@ -396,7 +397,7 @@ def test_resume_after_skipped_batches_cuts_the_same_views(tmp_path):
     """A batch without two readable images is skipped: the sampler moves on, the step does not.
     The resumable state records the sampler's position, so a resumed run still matches an
     uninterrupted one."""
-    from imgindex.train import _Batches
+    from imgindex.augment import Batches as _Batches
 
     folder = tmp_path / "pics"
     folder.mkdir()
