@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from imgindex.atomic import FileDigest, write_new
+from imgindex.scoring import BestK, normalized, ranking_keys, squared_norms
 
 KINDS = ("flat", "hnsw", "ivf-flat", "ivf-pq", "factory")
 # Defaults chosen with benchmarks/scale.py (1M AugNet-like vectors, 2 cores).
@@ -237,13 +238,6 @@ def available_memory() -> int:
     return 8 << 30
 
 
-def normalized(vectors: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit length (float32); zero rows stay zero."""
-    v = np.asarray(vectors, dtype=np.float32)
-    norms = np.linalg.norm(v, axis=1, keepdims=True)
-    return (v / np.where(norms == 0, 1, norms)).astype(np.float32, copy=False)
-
-
 @dataclass
 class SearchParams:
     """Query-time knobs: IVF lists probed, HNSW candidate list size."""
@@ -385,6 +379,12 @@ class VectorIndex:
             self.tombstones = np.union1d(self.tombstones, in_base)
 
     @property
+    def nlist(self) -> int | None:
+        """How many inverted lists an IVF index has (None for other kinds)."""
+        ivf = _ivf_of(self.base)
+        return int(ivf.nlist) if ivf is not None else None
+
+    @property
     def tombstone_fraction(self) -> float:
         return len(self.tombstones) / max(1, len(self.base_ids))
 
@@ -452,7 +452,7 @@ class VectorIndex:
                 view = np.asarray(codes, dtype=np.float32).reshape(n, self.dim)
             norms = np.empty(n, dtype=np.float32)
             for lo, block in _aligned_blocks(view):
-                norms[lo : lo + len(block)] = np.einsum("ij,ij->i", block, block)
+                norms[lo : lo + len(block)] = squared_norms(block)
             ids = self._faiss.vector_to_array(self.base.id_map).astype(np.int64)
             self._flat_cache = (view, norms, ids)
         return self._flat_cache
@@ -473,17 +473,13 @@ class VectorIndex:
         out = []
         for start in range(0, len(queries), 256):
             q = queries[start : start + 256]
-            best = _BestK(len(q), k)
+            best = BestK(len(q), k)
             for lo, block in _aligned_blocks(view):
                 hi = lo + len(block)
-                dots = block @ q.T  # (rows, queries)
-                if metric == "l2":
-                    scores = norms[lo:hi, None] - 2 * dots  # + |q|^2, the same for every row
-                else:
-                    scores = -dots / np.sqrt(np.maximum(norms[lo:hi, None], 1e-30))
+                scores = ranking_keys(q, block, metric, norms[lo:hi])
                 if keep is not None:
-                    scores[~keep[lo:hi]] = np.inf
-                best.offer(scores.T, np.arange(lo, hi))
+                    scores[:, ~keep[lo:hi]] = np.inf
+                best.offer(scores, np.arange(lo, hi))
             out += [ids_in_order[rows] for rows in best.result()]
         return out
 
@@ -496,11 +492,7 @@ class VectorIndex:
             ids, vectors = ids[mask], vectors[mask]
         if not len(ids):
             return [np.empty(0, dtype=np.int64) for _ in queries]
-        if metric == "l2":
-            scores = (vectors * vectors).sum(1)[None, :] - 2 * queries @ vectors.T
-        else:
-            scores = -(queries @ normalized(vectors).T)
-        order = np.argsort(scores, axis=1)[:, :k]
+        order = np.argsort(ranking_keys(queries, vectors, metric), axis=1)[:, :k]
         return [ids[row] for row in order]
 
     def _search_approximate(
@@ -596,32 +588,6 @@ def _aligned_blocks(view: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
         block = buffer[: min(4096, len(view) - lo)]
         np.copyto(block, view[lo : lo + len(block)])
         yield lo, block
-
-
-class _BestK:
-    """Running k smallest scores per query over blocks of rows."""
-
-    def __init__(self, nq: int, k: int):
-        self.k = k
-        self.scores = np.full((nq, 0), np.inf, dtype=np.float32)
-        self.rows = np.empty((nq, 0), dtype=np.int64)
-
-    def offer(self, scores: np.ndarray, rows: np.ndarray) -> None:
-        k = min(self.k, scores.shape[1])
-        if k < scores.shape[1]:
-            part = np.argpartition(scores, k - 1, axis=1)[:, :k]
-        else:
-            part = np.broadcast_to(np.arange(scores.shape[1]), scores.shape)
-        cand_scores = np.take_along_axis(scores, part, axis=1)
-        merged_scores = np.concatenate([self.scores, cand_scores], axis=1)
-        merged_rows = np.concatenate([self.rows, rows[part]], axis=1)
-        keep = min(self.k, merged_scores.shape[1])
-        order = np.argsort(merged_scores, axis=1, kind="stable")[:, :keep]
-        self.scores = np.take_along_axis(merged_scores, order, axis=1)
-        self.rows = np.take_along_axis(merged_rows, order, axis=1)
-
-    def result(self) -> list[np.ndarray]:
-        return [r[np.isfinite(s)] for r, s in zip(self.rows, self.scores, strict=True)]
 
 
 def _prepare(spec: IndexSpec, vectors: np.ndarray) -> np.ndarray:

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from imgindex.ann import VectorIndex
+from imgindex.scoring import normalized, paired_scores, ranking_keys, squared_norms
 from imgindex.search import check_metric, score
 
 # The default thresholds: what they mean on real photos is measured by benchmarks/duplicates.py
@@ -81,9 +82,9 @@ def exact_pairs(
     triangle of the similarity matrix, each block re-checked in float64."""
     check_metric(metric)
     v = np.ascontiguousarray(vectors, dtype=np.float32)
-    norms = np.einsum("ij,ij->i", v, v)
+    norms = squared_norms(v)
     if metric == "cosine":
-        v = v / np.sqrt(np.maximum(norms, 1e-30))[:, None]
+        v, norms = normalized(v), np.ones(len(v), np.float32)  # -keys are the cosines
     n = len(v)
     # float32 rounding can move a score by ~1e-4 relative; take a margin and re-check exactly.
     # A squared distance computed as |a|^2 + |b|^2 - 2 a.b is off by up to ~1e-7 of the norms
@@ -94,19 +95,19 @@ def exact_pairs(
         hi = min(n, lo + block)
         for start in range(lo, n, block):
             stop = min(n, start + block)
-            dots = v[lo:hi] @ v[start:stop].T
+            keys = ranking_keys(v[lo:hi], v[start:stop], metric, norms[start:stop])
             if metric == "l2":
                 both = norms[lo:hi, None] + norms[None, start:stop]
-                cand = both - 2 * dots <= loose * loose + 1e-5 * both
+                cand = norms[lo:hi, None] + keys <= loose * loose + 1e-5 * both
             else:
-                cand = dots >= loose
+                cand = -keys >= loose
             rows, cols = np.nonzero(cand)
             rows, cols = rows + lo, cols + start
             upper = rows < cols
             rows, cols = rows[upper], cols[upper]
             if not len(rows):
                 continue
-            exact = _pair_scores(vectors, rows, cols, metric)
+            exact = paired_scores(vectors[rows], vectors[cols], metric)
             keep = within(exact, threshold, metric)
             for r, c, s in zip(rows[keep], cols[keep], exact[keep], strict=True):
                 yield int(ids[r]), int(ids[c]), float(s)
@@ -175,12 +176,37 @@ def group_pairs(pairs: Iterator[tuple[int, int, float]]) -> list[DuplicateGroup]
     return out
 
 
-def _pair_scores(
-    vectors: np.ndarray, rows: np.ndarray, cols: np.ndarray, metric: str
-) -> np.ndarray:
-    a = vectors[rows].astype(np.float64)
-    b = vectors[cols].astype(np.float64)
-    if metric == "l2":
-        return np.linalg.norm(a - b, axis=1)
-    na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
-    return np.einsum("ij,ij->i", a, b) / np.where(na * nb == 0, 1, na * nb)
+def find_groups(
+    store: Any,
+    threshold: float,
+    metric: str,
+    allowed: np.ndarray | None = None,
+    neighbors: int = 16,
+    include_reviewed: bool = False,
+) -> list[DuplicateGroup]:
+    """The duplicate groups of an open store (see ``Index.duplicates``), among the ids
+    ``allowed`` if given, with their paths and what a person decided about them."""
+    store.refresh()
+    index = store.vector_index
+    ids = index.ids()
+    if allowed is not None:
+        ids = np.intersect1d(ids, allowed)
+    marked = store.marked_for_removal()
+    reviewed = store.reviewed_pairs()
+    if not include_reviewed:  # what a person decided does not come back
+        ids = np.setdiff1d(ids, np.fromiter(marked, dtype=np.int64, count=len(marked)))
+    if index.spec.exact:
+        pairs = exact_pairs(ids, store.stored_vectors(ids), threshold, metric)
+    else:
+        members = set(ids.tolist())
+        found = neighbor_pairs(index, ids, store.stored_vectors, threshold, metric, neighbors)
+        pairs = (p for p in found if p[0] in members and p[1] in members)
+    if not include_reviewed:
+        pairs = (p for p in pairs if (p[0], p[1]) not in reviewed)
+    groups = group_pairs(pairs)
+    records = store.get_many({i for g in groups for i in g.ids})
+    for group in groups:
+        group.paths = [records[i].path for i in group.ids]
+        group.marked = {i: marked[i] for i in group.ids if i in marked}
+        group.reviewed = all((a, b) in reviewed for a, b, _s in group.pairs)
+    return groups

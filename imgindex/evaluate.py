@@ -25,15 +25,17 @@ from __future__ import annotations
 
 import csv
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from imgindex.ann import IndexSpec
 from imgindex.errors import ImgIndexError
 from imgindex.files import is_under, resolve
+from imgindex.scoring import BestK, normalized, ranking_keys, squared_norms
 
 DEFAULT_KS = (1, 5, 10)
 
@@ -252,16 +254,16 @@ def exact_rankings(
     exact search in float64 (``depth``: how many to rank, default all)."""
     v = np.asarray(vectors, dtype=np.float64)
     if metric == "cosine":
-        v = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-30)
+        v = normalized(v)
     elif metric != "l2":
         raise ValueError(f"unknown metric {metric!r}")
     n = len(v)
     depth = n - 1 if depth is None else min(depth, n - 1)
-    squared = (v * v).sum(1)
+    squared = squared_norms(v)
     for start in range(0, n, chunk):
         q = v[start : start + chunk]
         # Both metrics as "smaller is better"; the query's own row goes last.
-        scores = squared[None, :] - 2 * q @ v.T if metric == "l2" else -(q @ v.T)
+        scores = ranking_keys(q, v, metric, squared)
         rows = np.arange(start, start + len(q))
         scores[rows - start, rows] = np.inf
         if depth < n - 1:
@@ -410,25 +412,24 @@ def tune(index: Any, queries: int = 200, k: int = 10, seed: int = 0) -> list[Tun
     vectors of a random sample of the indexed images (each finds itself too, in both searches)."""
     import time
 
-    store = index._store
-    store.refresh()
-    vector_index = store.vector_index
-    spec = vector_index.spec
+    index.refresh()
+    info = index.vector_index_info()
+    spec = IndexSpec(info["kind"], info["metric"], info["params"])
     metric = "l2" if spec.metric in ("both", "l2") else "cosine"
-    live = vector_index.ids()
+    live = info["ids"]
     if not len(live):
         return []
     rng = np.random.default_rng(seed)
     sample = np.sort(rng.choice(live, size=min(queries, len(live)), replace=False))
-    q = store.vectors(sample.tolist())
-    truth = exact_neighbors(store, live, q, k, metric)
+    q = index.vectors(sample.tolist())
+    truth = exact_neighbors(index.vectors, live, q, k, metric)
     # The exact k-th score of each query: a result as close as that is as right as the true one
     # (duplicates tie; which of them a search returns is arbitrary).
     from imgindex.search import score
 
     worst = []
     for vector, true_ids in zip(q, truth, strict=True):
-        scores = score(vector, store.vectors(sorted(true_ids)), metric)
+        scores = score(vector, index.vectors(sorted(true_ids)), metric)
         worst.append(float(scores.max() if metric == "l2" else scores.min()))
 
     if spec.exact:
@@ -436,7 +437,7 @@ def tune(index: Any, queries: int = 200, k: int = 10, seed: int = 0) -> list[Tun
     elif spec.kind == "hnsw" or "HNSW" in spec.factory_string():
         settings = [{"ef_search": ef} for ef in (16, 32, 64, 128, 256, 512)]
     else:
-        nlist = int(spec.params.get("nlist", 0)) or _nlist_of(vector_index)
+        nlist = int(spec.params.get("nlist", 0)) or info["lists"] or 1
         settings = [{"nprobe": p} for p in (1, 2, 4, 8, 16, 32, 64, 128, 256) if p <= nlist]
     rows = []
     for params in settings:
@@ -486,29 +487,20 @@ def _recall(hits: list[Any], truth: set[int], worst: float, metric: str) -> floa
 
 
 def exact_neighbors(
-    store: Any, ids: np.ndarray, queries: np.ndarray, k: int, metric: str
+    vectors_of: Callable[[list[int]], np.ndarray],
+    ids: np.ndarray,
+    queries: np.ndarray,
+    k: int,
+    metric: str,
 ) -> list[set[int]]:
-    """The ids of the exact ``k`` nearest stored vectors for each query (streamed from SQLite in
-    chunks, so any index kind can be checked)."""
-    from imgindex.ann import _BestK
-
+    """The ids of the exact ``k`` nearest of the stored vectors of ``ids`` for each query
+    (read through ``vectors_of`` in chunks, so any index kind can be checked)."""
     q64 = queries.astype(np.float64)
     if metric == "cosine":
-        q64 = q64 / np.linalg.norm(q64, axis=1, keepdims=True)
-    best = _BestK(len(queries), k)
+        q64 = normalized(q64)
+    best = BestK(len(queries), k)
     for start in range(0, len(ids), 20_000):
         part = ids[start : start + 20_000]
-        v = store.vectors(part.tolist()).astype(np.float64)
-        if metric == "l2":
-            scores = (v * v).sum(1)[None, :] - 2 * q64 @ v.T
-        else:
-            scores = -(q64 @ (v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-30)).T)
-        best.offer(scores.astype(np.float32), part)
+        v = vectors_of(part.tolist()).astype(np.float64)
+        best.offer(ranking_keys(q64, v, metric).astype(np.float32), part)
     return [set(row.tolist()) for row in best.result()]
-
-
-def _nlist_of(vector_index: Any) -> int:
-    from imgindex.ann import _ivf_of
-
-    ivf = _ivf_of(vector_index.base)
-    return int(ivf.nlist) if ivf is not None else 1

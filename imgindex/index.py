@@ -13,38 +13,28 @@ embedded, the ingest pipeline, and exact L2 / cosine search.
 from __future__ import annotations
 
 import contextlib
-import errno
-import functools
 import numbers
 import operator
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from imgindex import ann, ingest
-from imgindex.catalog import ImageRecord, NewImage
+from imgindex import ann
+from imgindex.catalog import ImageRecord
 from imgindex.decode import DEFAULT_MAX_PIXELS
-from imgindex.duplicates import (
-    DEFAULT_THRESHOLDS,
-    DuplicateGroup,
-    check_threshold,
-    exact_pairs,
-    group_pairs,
-    neighbor_pairs,
-)
+from imgindex.duplicates import DEFAULT_THRESHOLDS, DuplicateGroup, check_threshold, find_groups
 from imgindex.errors import (
     ImageError,
-    ImgIndexError,
     IncompatibleIndexError,
     IndexExistsError,
-    WeightsError,
 )
-from imgindex.files import is_under, path_text, resolve
+from imgindex.files import resolve
 from imgindex.folder import FAISS_NAME, disk_usage
+from imgindex.marked import marked_records, move_marked
 from imgindex.model import Vectorizer, _split_batch
 from imgindex.preprocessing import PRESETS
 from imgindex.schema import DB_NAME
@@ -53,12 +43,14 @@ from imgindex.search import (
     Hit,
     check_cutoffs,
     check_metric,
+    chosen_ids,
     combine_examples,
-    rank_exactly,
+    example_vectors,
+    search_store,
 )
-from imgindex.store import CheckReport, Store, database_state
+from imgindex.store import Store, database_state
 from imgindex.thumbnails import THUMBNAIL_SIZE, Thumbnail, ThumbnailCache
-from imgindex.weights import resolve_weights
+from imgindex.writing import Writing, as_spec, serialized
 
 INDEX_ENV = "IMGINDEX_INDEX"
 
@@ -72,20 +64,7 @@ def default_index_path() -> Path:
     return Path(data_home).expanduser() / "imgindex" / "default"
 
 
-def _serialized(method: Callable[..., Any]) -> Callable[..., Any]:
-    """One thread at a time in the index's methods (they share its SQLite connection)."""
-
-    @functools.wraps(method)
-    def serialized(self: Index, *args: Any, **kwargs: Any) -> Any:
-        with self._lock:
-            if self._closed and method.__name__ != "close":
-                raise ImgIndexError(f"{self.path}: this Index was closed; open it again")
-            return method(self, *args, **kwargs)
-
-    return serialized
-
-
-class Index:
+class Index(Writing):
     """An image index on disk. Open one with :meth:`open` or :meth:`create`.
 
     Images are embedded (for adding and for searching by image) by ``vectorizer``, or by a
@@ -131,7 +110,7 @@ class Index:
         ``private`` makes it private). :attr:`created` says whether this call created it (two
         processes creating one index at once: one creates it, the other opens it)."""
         _check_vectorizer_args(vectorizer_args)
-        _as_spec(index_type, metric)  # a misspelt kind or metric is an error, used or not
+        as_spec(index_type, metric)  # a misspelt kind or metric is an error, used or not
         path = _index_path(path)
         if create and database_state(path) != "complete":
             try:
@@ -170,7 +149,7 @@ class Index:
         read."""
         _check_vectorizer_args(vectorizer_args)
         path = _index_path(path)
-        spec = _as_spec(index_type, metric)
+        spec = as_spec(index_type, metric)
         if database_state(path) == "complete":  # before loading the model for nothing
             raise IndexExistsError(f"{path}: an index already exists here")
         args = {k: v for k, v in vectorizer_args.items() if v is not None}
@@ -198,30 +177,13 @@ class Index:
     database_name = DB_NAME
     vectors_name = FAISS_NAME
 
-    @_serialized
-    def set_index_type(
-        self,
-        index_type: str | ann.IndexSpec | None,
-        metric: str = "l2",
-        *,
-        wait: float = 0.0,
-        on_wait: Callable[[str], None] | None = None,
-    ) -> None:
-        """Keep another kind of vector index from now on (None or "auto": auto). It is built
-        from the stored vectors, without embedding anything, at the next save (the end of the
-        next sync, or :meth:`repair`)."""
-        spec = _as_spec(index_type, metric)
-        store = self._writable_store()
-        with self._write_lock(store, wait, on_wait):  # not while another process builds the index
-            store.request_index(spec)
-
     # -- lifecycle --------------------------------------------------------------------------
 
     @property
     def path(self) -> Path:
         return self._store.path
 
-    @_serialized
+    @serialized
     def close(self) -> None:
         """Release the database and the write lock; closing twice is harmless."""
         if not self._closed:
@@ -237,13 +199,13 @@ class Index:
     def __len__(self) -> int:
         return self.count()
 
-    @_serialized
+    @serialized
     def count(self) -> int:
         """Number of images in the index."""
         return self._store.count()
 
     @property
-    @_serialized
+    @serialized
     def vectorizer(self) -> Vectorizer:
         """The vectorizer, loaded on first use and checked against the index."""
         if self._vectorizer is None:
@@ -255,7 +217,7 @@ class Index:
         return self._vectorizer
 
     @property
-    @_serialized
+    @serialized
     def preset(self) -> str:
         """The preprocessing preset the index's vectors were made with (exact or fast)."""
         return self._store.fingerprint()["preprocessing"].get("preset", "exact")
@@ -296,249 +258,20 @@ class Index:
                     "`imgindex build FOLDERS --index NEW_INDEX`"
                 )
 
-    # -- adding -----------------------------------------------------------------------------
+    # -- the vector index -------------------------------------------------------------------
 
-    @_serialized
-    def sync(
-        self,
-        folders: Any,
-        progress: ingest.ProgressCallback | None = None,
-        *,
-        workers: int | None = None,
-        max_pixels: int | None = None,
-        remove_missing: bool = True,
-        wait: float = 0.0,
-        on_wait: Callable[[str], None] | None = None,
-        decode: str = "cpu",
-        retry_skipped: bool = False,
-        dry_run: bool = False,
-    ) -> ingest.BuildReport:
-        """Bring the index up to date with the images under ``folders`` (what ``imgindex
-        build`` does): new and changed files are embedded, moved and copied files reuse their
-        stored vectors, and entries of files that no longer exist under ``folders`` are removed
-        (unless ``remove_missing=False``). Unreadable files are reported in the returned
-        :class:`~imgindex.ingest.BuildReport`, never raised.
-
-        ``wait`` is how many seconds to wait for another process writing to the index.
-        ``decode="device"`` decodes JPEGs in batches on the network's device (nvJPEG on a GPU;
-        vectors move by a cosine of about 5e-5), others on the CPU. A file an earlier build
-        skipped is read again only once its size or times change, or with ``retry_skipped``.
-        Folders are indexed under their real paths (symbolic links resolved). ``dry_run``
-        changes nothing and reads no image: the report lists what would be read and removed.
-        """
-        if isinstance(folders, (str, os.PathLike)):
-            folders = [folders]
-        self.check_weights()
-        if dry_run:
-            self._store.refresh()
-            return ingest.build(
-                self._store, lambda: self.vectorizer, folders, remove_missing=remove_missing,
-                retry_skipped=retry_skipped, dry_run=True,
-            )  # fmt: skip
-        store = self._writable_store()
-        with self._write_lock(store, wait, on_wait):
-            # The model is loaded only if some file needs reading (not for an unchanged folder).
-            if max_pixels is None:
-                max_pixels = self._vectorizer_args.get("max_pixels")
-            model = self._vectorizer or (lambda: self.vectorizer)  # loaded now, or when needed
-            return ingest.build(
-                store, model, folders, progress, workers, max_pixels, remove_missing, decode,
-                retry_skipped,
-            )  # fmt: skip
-
-    def add(
-        self,
-        paths: Any,
-        progress: ingest.ProgressCallback | None = None,
-        *,
-        workers: int | None = None,
-        max_pixels: int | None = None,
-        wait: float = 0.0,
-        on_wait: Callable[[str], None] | None = None,
-        retry_skipped: bool = False,
-    ) -> ingest.BuildReport:
-        """Add (or update) the images in ``paths``, files or folders, removing nothing."""
-        return self.sync(
-            paths,
-            progress,
-            workers=workers,
-            max_pixels=max_pixels,
-            remove_missing=False,
-            wait=wait,
-            on_wait=on_wait,
-            retry_skipped=retry_skipped,
-        )
-
-    @_serialized
-    def remove(
-        self,
-        paths: Any,
-        *,
-        wait: float = 0.0,
-        on_wait: Callable[[str], None] | None = None,
-        dry_run: bool = False,
-    ) -> int:
-        """Remove the entries of ``paths`` (files, or folders: every entry under them) from the
-        index; the files themselves are not touched. Returns how many entries went (with
-        ``dry_run``, would go: nothing is changed)."""
-        if isinstance(paths, (str, os.PathLike)):
-            paths = [paths]
-        # Entries are under the resolved names, or (made by an older imgindex) as given.
-        names = {os.fsencode(resolve(p)) for p in paths}
-        names |= {os.fsencode(os.path.abspath(p)) for p in paths}
-        store = self._store if dry_run else self._writable_store()
-        if dry_run:
-            store.refresh()
-            return sum(1 for _i, _t, raw, *_ in store.file_rows() if _under_any(raw, names))
-        with self._write_lock(store, wait, on_wait):
-            ids = [i for i, _text, raw, *_ in store.file_rows() if _under_any(raw, names)]
-            removed = store.remove(ids)
-            store.forget_skipped(
-                [raw for _t, raw, _r in store.skipped_files() if _under_any(raw, names)]
-            )
-            store.save_vector_index()
-            return removed
-
-    @_serialized
-    def add_vectors(
-        self,
-        images: Any,
-        vectors: Any,
-        *,
-        save: bool = True,
-        wait: float = 0.0,
-        on_wait: Callable[[str], None] | None = None,
-    ) -> list[int]:
-        """Add entries with vectors made elsewhere (``images``: :class:`~imgindex.catalog.
-        NewImage` records; ``vectors``: ``len(images) x 768``), in one transaction, as a build
-        commits a batch; with ``save``, the vector index file is written after. Returns the new
-        ids. For vectors this index's model did not make, nothing checks that they are alike:
-        synthetic collections, benchmarks, imports."""
-        store = self._writable_store()
-        with self._write_lock(store, wait, on_wait):
-            ids = store.write_batch(list(images), vectors)
-            if save:
-                store.save_vector_index()
-            return ids
-
-    @_serialized
-    def remove_ids(
-        self,
-        ids: Any,
-        *,
-        save: bool = True,
-        wait: float = 0.0,
-        on_wait: Callable[[str], None] | None = None,
-    ) -> int:
-        """Remove the entries of images ``ids`` (the files are not touched); returns how many
-        went."""
-        store = self._writable_store()
-        with self._write_lock(store, wait, on_wait):
-            removed = store.remove([int(i) for i in ids])
-            if save:
-                store.save_vector_index()
-            return removed
-
-    @_serialized
-    def save(self, *, wait: float = 0.0, on_wait: Callable[[str], None] | None = None) -> None:
-        """Write the vector index file now if it changed (a sync does this at its end), first
-        building the kind asked for if the collection has become large enough for it."""
-        store = self._writable_store()
-        with self._write_lock(store, wait, on_wait):
-            store.save_vector_index()
-
-    @contextlib.contextmanager
-    def write_lock(
-        self, wait: float = 0.0, on_wait: Callable[[str], None] | None = None
-    ) -> Iterator[None]:
-        """Hold the index's write lock (as a build holds it), for several changes in a row;
-        other processes are refused meanwhile. Writing methods of this Index work inside."""
-        with self._lock:
-            store = self._writable_store()
-            store.lock(wait, on_wait)
-            self._held = True
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._held = False
-                store.unlock()
-
-    def _write_lock(
-        self, store: Store, wait: float, on_wait: Callable[[str], None] | None
-    ) -> contextlib.AbstractContextManager[None]:
-        """The write lock for one change: taken now, or already held by :meth:`write_lock`."""
-        if self._held:
-            return contextlib.nullcontext()
-        return _held_lock(store, wait, on_wait)
-
-    @_serialized
+    @serialized
     def vector_index_info(self) -> dict[str, Any]:
         """What the in-memory vector index holds now: its kind and parameters, how many
         vectors it serves, how many deleted ones it still carries (tombstones), whether its
-        base is the file memory-mapped, and how many times this Index built it anew."""
-        store = self._store
-        store.refresh()
-        vector_index = store.vector_index
-        return {
-            "kind": vector_index.spec.kind,
-            "metric": vector_index.spec.metric,
-            "params": dict(vector_index.spec.params),
-            "vectors": vector_index.ntotal,
-            "ids": vector_index.ids(),
-            "tombstones": len(vector_index.tombstones),
-            "memory_mapped": not vector_index.mutable,
-            "rebuilds": store.rebuilds,
-        }
-
-    @_serialized
-    def check(self, check_files: bool = True) -> CheckReport:
-        """Verify the index (see :class:`~imgindex.store.CheckReport`); changes nothing. The
-        weights check compares the index with the weights queries would use now."""
-        try:
-            if self._vectorizer is not None:
-                sha = self._vectorizer.weights.sha256
-            else:
-                sha = resolve_weights(self._vectorizer_args.get("weights")).sha256
-            weights_problem = None
-        except WeightsError as exc:
-            sha, weights_problem = None, str(exc)
-        report = self._store.check(weights_sha256=sha, check_files=check_files)
-        if weights_problem:
-            report.problems.append(f"weights: {weights_problem}")
-        return report
-
-    @_serialized
-    def repair(
-        self,
-        remove_missing: bool = False,
-        *,
-        wait: float = 0.0,
-        on_wait: Callable[[str], None] | None = None,
-    ) -> dict[str, int]:
-        """Fix what can be fixed without re-embedding; see :meth:`Store.repair`."""
-        store = self._writable_store()
-        with self._write_lock(store, wait, on_wait):
-            return store.repair(remove_missing=remove_missing)
-
-    @_serialized
-    def refresh(self) -> None:
-        """See changes other processes committed since the index was opened (searches do this
-        by themselves)."""
+        base is the file memory-mapped, its inverted lists (IVF; else None), and how many times
+        this Index built it anew."""
         self._store.refresh()
-
-    def _writable_store(self) -> Store:
-        if not self._store.writable:
-            # Reopen for writing; the read-only handle's view is replaced (once the writable
-            # one is open: when it cannot be, this Index goes on reading).
-            writable = Store.open(self._store.path, writable=True)
-            self._store.close()
-            self._store = writable
-        return self._store
+        return self._store.describe_vector_index()
 
     # -- looking up -------------------------------------------------------------------------
 
-    @_serialized
+    @serialized
     def get(self, image_id: int) -> ImageRecord:
         """The stored record of image ``image_id``; KeyError if there is none (for a path,
         use :meth:`find`)."""
@@ -552,28 +285,28 @@ class Index:
             raise KeyError(f"no image with id {image_id} in {self.path}")
         return record
 
-    @_serialized
+    @serialized
     def find(self, path: str | os.PathLike[str]) -> ImageRecord | None:
         """The record of an indexed file, by its path (relative paths are taken from the current
         folder, and links in its folders followed, as builds index them), or None."""
         return self._store.find(path)
 
-    @_serialized
+    @serialized
     def raw_path(self, image_id: int) -> bytes:
         """The exact name (bytes) of the file of image ``image_id``; ``ImageRecord.path`` is
         its text form, which cannot always be opened (names that are not UTF-8)."""
         return self._store.raw_path(int(image_id))
 
-    @_serialized
+    @serialized
     def records(self) -> list[ImageRecord]:
         return list(self._store.records())
 
-    @_serialized
+    @serialized
     def vectors(self, ids: list[int]) -> np.ndarray:
         """The stored vectors of images ``ids`` (``len(ids) x 768``)."""
         return self._store.vectors(ids)
 
-    @_serialized
+    @serialized
     def skipped(self) -> list[tuple[str, str]]:
         """(path, reason) of the files the last builds could not index."""
         return self._store.skipped()
@@ -615,7 +348,7 @@ class Index:
                      if len(vectors) else [])  # fmt: skip
         return [failed[n] if n in failed else next(found) for n in range(len(items))]
 
-    @_serialized
+    @serialized
     def similar(self, image: int | str | os.PathLike[str], k: int = 10, metric: str = "l2",
                 **options: Any) -> list[Hit]:  # fmt: skip
         """Nearest images to an indexed image, given by id or path, using its stored vector (no
@@ -624,7 +357,7 @@ class Index:
         vector = self._store.vectors([record.id])[0]
         return self.search_by_vector(vector, k=k, metric=metric, exclude=[record.id], **options)
 
-    @_serialized
+    @serialized
     def lookup(self, image: int | str | os.PathLike[str] | ImageRecord) -> ImageRecord:
         """The record of an indexed image given by id, by path (see :meth:`find`) or by its
         record; KeyError if it is not in the index."""
@@ -663,29 +396,16 @@ class Index:
         return self.search_by_vector(query, k=k, metric=metric, exclude=exclude, **options)
 
     def _example_vectors(self, examples: Any, channels: str) -> tuple[np.ndarray, list[int]]:
-        """Vectors of examples (see :meth:`search_like`) and the ids of the indexed ones."""
-        if isinstance(
-            examples, (str, bytes, os.PathLike, ImageRecord, numbers.Integral, np.ndarray)
-        ):
-            examples = [examples]
-        rows, ids, images = [], [], []
-        dim = self._store.dim
-        for example in examples:
-            if isinstance(example, ImageRecord) or (
-                isinstance(example, numbers.Integral) and not isinstance(example, bool)
-            ):
-                record = self.lookup(example)
-                ids.append(record.id)
-                rows.append(self.vectors([record.id])[0])
-            elif isinstance(example, np.ndarray) and example.shape == (dim,):
-                rows.append(example.astype(np.float32))  # a vector, embedded already
-            else:
-                images.append(example)
-        if images:
-            rows += list(self.vectorizer.vectorize_many(images, channels=channels))
-        return (np.stack(rows) if rows else np.empty((0, dim), np.float32)), ids
+        def stored(example: Any) -> tuple[int, np.ndarray]:
+            record = self.lookup(example)
+            return record.id, self.vectors([record.id])[0]
 
-    @_serialized
+        def embed(images: list[Any]) -> np.ndarray:
+            return self.vectorizer.vectorize_many(images, channels=channels)
+
+        return example_vectors(examples, self._store.dim, stored, embed)
+
+    @serialized
     def search_by_vector(
         self,
         vectors: Any,
@@ -721,45 +441,14 @@ class Index:
             )
         if not np.isfinite(matrix).all():
             raise ValueError("query vectors hold NaN or infinite numbers")
-        excluded = {int(i) for i in exclude}
         params = ann.SearchParams(nprobe=nprobe, ef_search=ef_search)
-        # The FAISS index and the rows are read at different moments; if a writer removed a
-        # found image in between, search again on the newer state instead of returning a hit
-        # without a row (or a short list).
-        for _attempt in range(5):
-            store = self._store
-            store.refresh()
-            allowed = store.ids_under(under) if under is not None else None
-            if within is not None:
-                chosen = np.unique(np.asarray(list(within), dtype=np.int64))
-                allowed = chosen if allowed is None else np.intersect1d(allowed, chosen)
-            fetch = candidates_for(store.vector_index.spec, k + len(excluded))
-            candidates = store.vector_index.search(matrix, fetch, metric, params, allowed)
-            if excluded:
-                candidates = [c[~np.isin(c, list(excluded))] for c in candidates]
-            found = rank_exactly(matrix, candidates, store.stored_vectors, k, metric)
-            records = store.get_many({i for row in found for i, _ in row})
-            if all(i in records for row in found for i, _ in row):
-                break
-        results = [
-            [
-                Hit(rank=rank, id=i, path=records[i].path, score=s, metric=metric)
-                for rank, (i, s) in enumerate(
-                    [
-                        (i, s)
-                        for i, s in row
-                        if i in records
-                        and (max_distance is None or s <= max_distance)
-                        and (min_similarity is None or s >= min_similarity)
-                    ],
-                    start=1,
-                )
-            ]
-            for row in found
-        ]
+        results = search_store(
+            self._store, matrix, k, metric, params, under=under, within=within, exclude=exclude,
+            max_distance=max_distance, min_similarity=min_similarity,
+        )  # fmt: skip
         return results[0] if single else results
 
-    @_serialized
+    @serialized
     def duplicates(
         self,
         threshold: float | None = None,
@@ -779,40 +468,11 @@ class Index:
         if threshold is None:
             threshold = DEFAULT_THRESHOLDS[check_metric(metric)]
         check_threshold(threshold, metric)
-        store = self._store
-        store.refresh()
-        index = store.vector_index
-        ids = index.ids()
-        if under is not None:
-            ids = np.intersect1d(ids, store.ids_under(under))
-        if within is not None:  # (as for search_by_vector)
-            ids = np.intersect1d(ids, np.asarray(list(within), dtype=np.int64))
-        marked = store.marked_for_removal()
-        reviewed = store.reviewed_pairs()
-        if not include_reviewed:  # what a person decided does not come back
-            ids = np.setdiff1d(ids, np.fromiter(marked, dtype=np.int64, count=len(marked)))
-        if index.spec.exact:
-            pairs = exact_pairs(ids, store.stored_vectors(ids), threshold, metric)
-        else:
-            members = set(ids.tolist())
-            pairs = (
-                p
-                for p in neighbor_pairs(
-                    index, ids, store.stored_vectors, threshold, metric, neighbors
-                )
-                if p[0] in members and p[1] in members
-            )
-        if not include_reviewed:
-            pairs = (p for p in pairs if (p[0], p[1]) not in reviewed)
-        groups = group_pairs(pairs)
-        records = store.get_many({i for g in groups for i in g.ids})
-        for group in groups:
-            group.paths = [records[i].path for i in group.ids]
-            group.marked = {i: marked[i] for i in group.ids if i in marked}
-            group.reviewed = all((a, b) in reviewed for a, b, _s in group.pairs)
-        return groups
+        self._store.refresh()
+        allowed = chosen_ids(self._store, under, within)
+        return find_groups(self._store, threshold, metric, allowed, neighbors, include_reviewed)
 
-    @_serialized
+    @serialized
     def review_duplicates(
         self,
         ids: Any,
@@ -834,7 +494,7 @@ class Index:
         with self._write_lock(store, wait, on_wait):
             store.review(members, None if keep is None else int(self.lookup(keep).id))
 
-    @_serialized
+    @serialized
     def forget_reviews(
         self, ids: Any, *, wait: float = 0.0, on_wait: Callable[[str], None] | None = None
     ) -> int:
@@ -845,18 +505,13 @@ class Index:
         with self._write_lock(store, wait, on_wait):
             return store.forget_reviews(members)
 
-    @_serialized
+    @serialized
     def marked_for_removal(self) -> list[tuple[ImageRecord, ImageRecord | None]]:
         """The images marked for removal by :meth:`review_duplicates`, each with the one kept
         in its place (None if that one has left the index)."""
-        store = self._store
-        store.refresh()
-        marked = store.marked_for_removal()
-        records = store.get_many({*marked, *(k for k in marked.values() if k is not None)})
-        return [(records[i], records.get(k) if k is not None else None)
-                for i, k in marked.items() if i in records]  # fmt: skip
+        return marked_records(self._store)
 
-    @_serialized
+    @serialized
     def move_marked(
         self,
         folder: str | os.PathLike[str],
@@ -873,27 +528,9 @@ class Index:
         store = self._writable_store() if not dry_run else self._store
         locked = contextlib.nullcontext() if dry_run else self._write_lock(store, wait, on_wait)
         with locked:
-            store.refresh()
-            records = store.get_many(store.marked_for_removal())
-            moves = []
-            taken: set[str] = set()
-            for record in sorted(records.values(), key=lambda r: r.id):
-                raw = store.raw_path(record.id)
-                destination = _free_name(target, os.path.basename(raw), taken)
-                moves.append((record, raw, destination))
-            if dry_run:
-                return [(r.path, path_text(d)) for r, _raw, d in moves]
-            done = []
-            for record, raw, destination in moves:
-                moved = _move_file(raw, destination)
-                store.rename(record.id, NewImage(moved, record.sha256, record.size,
-                                                 os.stat(moved).st_mtime, record.width,
-                                                 record.height))  # fmt: skip
-                done.append((record.path, path_text(moved)))
-            store.save_vector_index()
-            return done
+            return move_marked(store, target, dry_run)
 
-    @_serialized
+    @serialized
     def page(
         self,
         offset: int = 0,
@@ -908,13 +545,9 @@ class Index:
         if order not in ("newest", "path"):
             raise ValueError(f"order must be 'newest' or 'path', not {order!r}")
         offset, limit = max(0, int(offset)), max(0, int(limit))
-        store = self._store
-        store.refresh()
-        ids = store.ids_under(under) if under is not None else None
-        if within is not None:
-            chosen = np.unique(np.asarray(list(within), dtype=np.int64))
-            ids = chosen if ids is None else np.intersect1d(ids, chosen)
-        return store.records_page(offset, limit, order, ids)
+        self._store.refresh()
+        ids = chosen_ids(self._store, under, within)
+        return self._store.records_page(offset, limit, order, ids)
 
     def thumbnail(
         self, image: int | str | os.PathLike[str], size: int = THUMBNAIL_SIZE
@@ -933,7 +566,7 @@ class Index:
         # (outside the lock: decoding takes a while)
         return cache.get(raw, record.sha256, record.size, record.mtime)
 
-    @_serialized
+    @serialized
     def ids_under(self, folder: str | os.PathLike[str], *, resolve: bool = True) -> np.ndarray:
         """Ids of the images at or under ``folder``. With ``resolve=False`` the folder is taken
         as the index names it (as in ``ImageRecord.path`` and :meth:`folders`) and the file
@@ -943,7 +576,7 @@ class Index:
             return self._store.ids_under(folder)
         return self._store.ids_under_indexed(os.fsdecode(folder))
 
-    @_serialized
+    @serialized
     def folders(self) -> dict[str, int]:
         """Every folder holding indexed images, with how many it holds directly."""
         self._store.refresh()
@@ -951,33 +584,10 @@ class Index:
 
     # -- describing -------------------------------------------------------------------------
 
-    @_serialized
+    @serialized
     def info(self) -> dict[str, Any]:
         """A description of the index: size, model, weights, preprocessing, files on disk."""
-        store = self._store
-        fingerprint = store.fingerprint()
-        sizes = store.disk_usage()
-        built = store.vector_index.spec
-        requested = store.requested_spec
-        return {
-            "path": str(self.path),
-            "images": store.count(),
-            "skipped": len(store.skipped()),
-            "model": fingerprint["model"],
-            "weights_sha256": fingerprint["weights_sha256"],
-            "dim": fingerprint["dim"],
-            "preprocessing": fingerprint["preprocessing"],
-            "index_type": built.describe(),
-            "index": built.as_dict(),
-            "index_requested": "auto" if requested is None else requested.as_dict(),
-            "index_note": store.index_note(),
-            "exact": built.exact,
-            "metrics": ["l2", "cosine"] if built.metric == "both" else [built.metric],
-            "vector_index_bytes_in_memory": store.vector_index.memory_bytes(),
-            "created_at": store.meta("created_at"),
-            "files": sizes,
-            "bytes_on_disk": sum(sizes.values()),
-        }
+        return self._store.describe()
 
 
 VECTORIZER_ARGS = ("weights", "device", "batch_size", "precision", "preset", "max_pixels")
@@ -990,53 +600,6 @@ def _check_vectorizer_args(args: dict[str, Any]) -> None:
             f"unexpected argument(s) {', '.join(unknown)}; the vectorizer takes "
             f"{', '.join(VECTORIZER_ARGS)}"
         )
-
-
-@contextlib.contextmanager
-def _held_lock(store: Store, wait: float, on_wait: Callable[[str], None] | None) -> Iterator[None]:
-    store.lock(wait, on_wait)
-    try:
-        yield
-    finally:
-        store.unlock()
-
-
-def _free_name(folder: Path, name: bytes, taken: set[str]) -> Path:
-    """``folder/name``, or ``name (2)``, ``name (3)``, ... when that is taken (on disk, or by
-    another file of the same move)."""
-    stem, suffix = os.path.splitext(os.fsdecode(name))
-    candidate, n = folder / f"{stem}{suffix}", 1
-    while str(candidate) in taken or os.path.lexists(candidate):
-        n += 1
-        candidate = folder / f"{stem} ({n}){suffix}"
-    taken.add(str(candidate))
-    return candidate
-
-
-def _move_file(source: bytes, destination: Path) -> Path:
-    """Move a file without ever replacing one: a new hard link, then the old name removed (the
-    same file system), or an exclusive copy, flushed, then the old name removed."""
-    import shutil
-
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(source, destination)
-    except OSError as exc:
-        if exc.errno != errno.EXDEV:
-            raise ImgIndexError(
-                f"{os.fsdecode(source)}: cannot move it to {destination} ({exc.strerror})"
-            ) from None
-        with open(source, "rb") as src, open(destination, "xb") as dst:
-            shutil.copyfileobj(src, dst)
-            dst.flush()
-            os.fsync(dst.fileno())
-        shutil.copystat(source, destination)
-    os.unlink(source)
-    return destination
-
-
-def _under_any(raw: bytes, names: set[bytes]) -> bool:
-    return any(is_under(raw, name) for name in names)
 
 
 def _check_k(k: Any) -> int:
@@ -1054,19 +617,3 @@ def _check_k(k: Any) -> int:
 
 def _index_path(path: str | os.PathLike[str] | None) -> Path:
     return Path(path).expanduser() if path is not None else default_index_path()
-
-
-def candidates_for(spec: ann.IndexSpec, k: int) -> int:
-    """How many candidates to take from the vector index for ``k`` results: a margin for
-    re-scoring to reorder near-ties, and many more for IVF-PQ, whose compressed codes only
-    approximate the distances (benchmarks/scale.py measures the recall this buys)."""
-    if spec.kind == "ivf-pq" or (spec.kind == "factory" and "PQ" in spec.params["factory"]):
-        return max(10 * k, k + 100)
-    return k + 16
-
-
-def _as_spec(index_type: str | ann.IndexSpec | None, metric: str) -> ann.IndexSpec | None:
-    if index_type is None or isinstance(index_type, ann.IndexSpec):
-        return index_type
-    check_metric(metric)
-    return ann.parse_index_type(index_type, metric)

@@ -14,11 +14,17 @@ float64 search over the candidates.
 
 from __future__ import annotations
 
+import numbers
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from imgindex.ann import IndexSpec, SearchParams
+from imgindex.catalog import ImageRecord
+from imgindex.scoring import distances, normalized, similarities
 
 METRICS = ("l2", "cosine")
 
@@ -62,28 +68,17 @@ def check_cutoffs(metric: str, max_distance: float | None, min_similarity: float
 
 
 def distance(a: Any, b: Any) -> Any:
-    """Euclidean (L2) distance, as ``imgsim.distance``.
+    """Euclidean (L2) distance, as ``imgsim.distance`` (:func:`imgindex.scoring.distances`).
 
     Two vectors give a float; a vector and an ``N x d`` stack give N distances; two stacks give
     the ``N x M`` matrix.
     """
-    a2, b2 = _as_matrix(a), _as_matrix(b)
-    # Differences, not |a|^2 + |b|^2 - 2ab: that form cancels badly for near-identical vectors
-    # (an image's distance to itself would not be exactly 0).
-    out = np.empty((len(a2), len(b2)))
-    if len(a2) <= len(b2):
-        for i, row in enumerate(a2):
-            out[i] = np.linalg.norm(b2 - row, axis=1)
-    else:
-        for j, row in enumerate(b2):
-            out[:, j] = np.linalg.norm(a2 - row, axis=1)
-    return _shape_like(out, a, b)
+    return _shape_like(distances(_as_matrix(a), _as_matrix(b)), a, b)
 
 
 def cosine_similarity(a: Any, b: Any) -> Any:
     """Cosine similarity in [-1, 1]; shapes as :func:`distance`. A zero vector scores 0."""
-    a2, b2 = _normalized(_as_matrix(a)), _normalized(_as_matrix(b))
-    return _shape_like(np.clip(a2 @ b2.T, -1.0, 1.0), a, b)
+    return _shape_like(similarities(_as_matrix(a), _as_matrix(b)), a, b)
 
 
 def score(a: Any, b: Any, metric: str) -> Any:
@@ -97,11 +92,6 @@ def _as_matrix(x: Any) -> np.ndarray:
     if m.ndim != 2:
         raise ValueError(f"expected a vector or an N x d stack of vectors, got shape {m.shape}")
     return m
-
-
-def _normalized(m: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(m, axis=1, keepdims=True)
-    return m / np.where(norms == 0, 1.0, norms)
 
 
 def _shape_like(matrix: np.ndarray, a: Any, b: Any) -> Any:
@@ -165,8 +155,104 @@ def combine_examples(
     if not np.isfinite(like).all() or not np.isfinite(unlike).all():
         raise ValueError("example vectors hold NaN or infinite numbers")
     if metric == "cosine":
-        like, unlike = _normalized(like), _normalized(unlike) if len(unlike) else unlike
+        like, unlike = normalized(like), normalized(unlike) if len(unlike) else unlike
     query = like.mean(axis=0)
     if len(unlike):
         query = (1 + unlike_weight) * query - unlike_weight * unlike.mean(axis=0)
     return query.astype(np.float32)
+
+
+# -- searching an index ------------------------------------------------------------------------
+
+
+def chosen_ids(store: Any, under: Any = None, within: Any = None) -> np.ndarray | None:
+    """The ids a search, a page or a duplicate search is limited to (sorted), or None for all:
+    those under the folder ``under`` (see ``Store.ids_under``) and among the ids ``within``."""
+    allowed = store.ids_under(under) if under is not None else None
+    if within is not None:
+        chosen = np.unique(np.asarray(list(within), dtype=np.int64))
+        allowed = chosen if allowed is None else np.intersect1d(allowed, chosen)
+    return allowed
+
+
+def candidates_for(spec: IndexSpec, k: int) -> int:
+    """How many candidates to take from the vector index for ``k`` results: a margin for
+    re-scoring to reorder near-ties, and many more for IVF-PQ, whose compressed codes only
+    approximate the distances (benchmarks/scale.py measures the recall this buys)."""
+    if spec.kind == "ivf-pq" or (spec.kind == "factory" and "PQ" in spec.params["factory"]):
+        return max(10 * k, k + 100)
+    return k + 16
+
+
+def search_store(
+    store: Any,
+    queries: np.ndarray,
+    k: int,
+    metric: str,
+    params: SearchParams,
+    *,
+    under: Any = None,
+    within: Any = None,
+    exclude: Any = (),
+    max_distance: float | None = None,
+    min_similarity: float | None = None,
+) -> list[list[Hit]]:
+    """The ``k`` nearest images to each row of ``queries`` in an open store: candidates from its
+    vector index, re-scored exactly (:func:`rank_exactly`), limited and cut off as
+    ``Index.search_by_vector`` says, each with its record's path."""
+    excluded = {int(i) for i in exclude}
+    # The FAISS index and the rows are read at different moments; if a writer removed a found
+    # image in between, search again on the newer state instead of returning a hit without a
+    # row (or a short list).
+    for _attempt in range(5):
+        store.refresh()
+        allowed = chosen_ids(store, under, within)
+        fetch = candidates_for(store.vector_index.spec, k + len(excluded))
+        candidates = store.vector_index.search(queries, fetch, metric, params, allowed)
+        if excluded:
+            candidates = [c[~np.isin(c, list(excluded))] for c in candidates]
+        found = rank_exactly(queries, candidates, store.stored_vectors, k, metric)
+        records = store.get_many({i for row in found for i, _ in row})
+        if all(i in records for row in found for i, _ in row):
+            break
+
+    def kept(score: float) -> bool:
+        return (max_distance is None or score <= max_distance) and (
+            min_similarity is None or score >= min_similarity
+        )
+
+    results = []
+    for row in found:
+        hits = [(i, s) for i, s in row if i in records and kept(s)]
+        results.append([Hit(rank, i, records[i].path, s, metric)
+                        for rank, (i, s) in enumerate(hits, start=1)])  # fmt: skip
+    return results
+
+
+def example_vectors(
+    examples: Any,
+    dim: int,
+    stored: Callable[[Any], tuple[int, np.ndarray]],
+    embed: Callable[[list[Any]], np.ndarray],
+) -> tuple[np.ndarray, list[int]]:
+    """Vectors of the examples of ``Index.search_like`` (one example, or a list), and the ids
+    of the indexed ones: an id or a record gives ``stored(example)`` -> (id, its stored
+    vector); a 1-D array of ``dim`` numbers is a vector already; anything else is an image,
+    embedded by ``embed``."""
+    if isinstance(examples, (str, bytes, os.PathLike, ImageRecord, numbers.Integral, np.ndarray)):
+        examples = [examples]
+    rows, ids, images = [], [], []
+    for example in examples:
+        if isinstance(example, ImageRecord) or (
+            isinstance(example, numbers.Integral) and not isinstance(example, bool)
+        ):
+            image_id, vector = stored(example)
+            ids.append(image_id)
+            rows.append(vector)
+        elif isinstance(example, np.ndarray) and example.shape == (dim,):
+            rows.append(example.astype(np.float32))  # a vector, embedded already
+        else:
+            images.append(example)
+    if images:
+        rows += list(embed(images))
+    return (np.stack(rows) if rows else np.empty((0, dim), np.float32)), ids

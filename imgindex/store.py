@@ -379,6 +379,49 @@ class Store(Catalog):
         SQLite."""
         return self.mirror.stored_vectors(self, ids)
 
+    # -- describing -------------------------------------------------------------------------
+
+    def describe(self) -> dict[str, Any]:
+        """Size, model, weights, preprocessing, the vector index, files on disk (Index.info)."""
+        fingerprint = self.fingerprint()
+        sizes = self.disk_usage()
+        built = self.vector_index.spec
+        requested = self.requested_spec
+        return {
+            "path": str(self.path),
+            "images": self.count(),
+            "skipped": len(self.skipped()),
+            "model": fingerprint["model"],
+            "weights_sha256": fingerprint["weights_sha256"],
+            "dim": fingerprint["dim"],
+            "preprocessing": fingerprint["preprocessing"],
+            "index_type": built.describe(),
+            "index": built.as_dict(),
+            "index_requested": "auto" if requested is None else requested.as_dict(),
+            "index_note": self.index_note(),
+            "exact": built.exact,
+            "metrics": ["l2", "cosine"] if built.metric == "both" else [built.metric],
+            "vector_index_bytes_in_memory": self.vector_index.memory_bytes(),
+            "created_at": self.meta("created_at"),
+            "files": sizes,
+            "bytes_on_disk": sum(sizes.values()),
+        }
+
+    def describe_vector_index(self) -> dict[str, Any]:
+        """What the in-memory vector index holds now (Index.vector_index_info)."""
+        vector_index = self.vector_index
+        return {
+            "kind": vector_index.spec.kind,
+            "metric": vector_index.spec.metric,
+            "params": dict(vector_index.spec.params),
+            "vectors": vector_index.ntotal,
+            "ids": vector_index.ids(),
+            "tombstones": len(vector_index.tombstones),
+            "memory_mapped": not vector_index.mutable,
+            "lists": vector_index.nlist,
+            "rebuilds": self.rebuilds,
+        }
+
     # -- checking and repairing -------------------------------------------------------------
 
     def check(self, weights_sha256: str | None = None, check_files: bool = True) -> CheckReport:

@@ -129,7 +129,7 @@ class ThumbnailCache:
             )
         buffer = io.BytesIO()
         image.save(buffer, format="JPEG", quality=85)
-        self._store(sha256, buffer.getvalue())
+        self._keep(sha256, buffer.getvalue())
         return Thumbnail(buffer.getvalue(), "image/jpeg")
 
     def _file(self, sha256: str) -> Path | None:
@@ -146,7 +146,7 @@ class ThumbnailCache:
         except OSError:
             return None
 
-    def _store(self, sha256: str, data: bytes) -> None:
+    def _keep(self, sha256: str, data: bytes) -> None:
         """Keep a thumbnail for next time: written aside and renamed into place, so a reader
         never sees half of one. A cache that cannot be written is no error."""
         file = self._file(sha256)
