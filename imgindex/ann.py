@@ -74,8 +74,8 @@ class IndexSpec:
 
     def check(self, dim: int) -> None:
         """ValueError unless FAISS can build this index for ``dim``-number vectors: checked when
-        it is asked for, not after embedding a collection (a bad value used to be stored and
-        then fail every build, or crash FAISS)."""
+        it is asked for, not after embedding a collection (a bad value stored would fail every
+        build, or crash FAISS)."""
         limits = {"M": (2, 256), "ef_construction": (1, 100_000), "nlist": (1, 1 << 20)}
         limits["m"] = (1, dim)
         for key, value in self.params.items():
@@ -305,7 +305,7 @@ class VectorIndex:
 
         # FAISS memory-maps flat codes (flat, HNSW storage) with IO_FLAG_MMAP_IFC and inverted
         # lists with IO_FLAG_MMAP; each flag fails on the other kind, and plain IO_FLAG_MMAP
-        # reads flat codes into memory (3 GB and 10 s for a million vectors).
+        # reads flat codes into memory (3 KB a vector, all read before the first search).
         attempts = [0]
         if mmap:
             ifc = faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY
@@ -566,8 +566,8 @@ class VectorIndex:
 
 
 def default_nprobe(nlist: int) -> int:
-    """IVF lists probed by default: 1/64 of them, at least 16 (64 of 4096 lists gave recall@10
-    1.0 at 7 ms on 1M AugNet-shaped vectors in benchmarks/scale.py; `imgindex tune` measures
+    """IVF lists probed by default: 1/64 of them, at least 16 (chosen with benchmarks/scale.py
+    on a million AugNet-shaped vectors, whose recall the README shows; `imgindex tune` measures
     the user's own index)."""
     return min(nlist, max(16, nlist // 64))
 
@@ -576,7 +576,7 @@ def _aligned_blocks(view: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
     """(first row, rows) blocks of ``view`` that BLAS can read at full speed.
 
     A memory-mapped FAISS file places the vectors at an odd byte offset, and numpy multiplies
-    misaligned floats about five times slower (190 ms instead of 38 ms for 0.9 GB here), so
+    misaligned floats several times slower (benchmarks/scale.py shows the scan's speed), so
     such blocks are first copied into a small aligned buffer that stays in cache.
     """
     if view.flags.aligned:

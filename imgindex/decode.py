@@ -288,8 +288,8 @@ def pillow_block_cache(blocks: int) -> Iterator[None]:
     """Let Pillow keep up to ``blocks`` freed image-memory blocks (16 MB at most each) for the
     next image, while many are decoded, instead of handing each back to the operating system
     and having fresh pages faulted in for the next. It never keeps more than was in use at once.
-    Pillow's default is none (``PILLOW_BLOCKS_MAX``); the setting is restored afterwards. On the
-    2-core test machine a 4 MP JPEG decoded in 13 ms instead of 32 (benchmarks/reading.py)."""
+    Pillow's default is none (``PILLOW_BLOCKS_MAX``); the setting is restored afterwards.
+    benchmarks/reading.py measures what it saves."""
     core: Any = Image.core
     try:
         before = core.get_blocks_max()

@@ -1,5 +1,6 @@
 """Files to vectors to the index: walk -> read, hash, decode (threads) -> batch by shape -> embed
--> commit, with progress. Also the sync rules that make a re-run cheap.
+-> commit, with progress. What to do with each file (the sync rules that make a re-run cheap,
+summed up below) is the planner's decision (:mod:`imgindex.planner`); this module carries it out.
 
 Reading, hashing, decoding and resizing run in a thread pool (file I/O, hashlib, Pillow and
 PyTorch release the GIL) while the main thread embeds and writes. Images are batched only with
@@ -30,7 +31,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -44,7 +45,8 @@ from imgindex.decode import (
     read_file,
 )
 from imgindex.errors import DamagedIndexError, ImageError, ImgIndexError
-from imgindex.files import is_gone, is_under, path_text, resolve, resolve_roots, walk_images
+from imgindex.files import is_gone, path_text, resolve_roots, walk_images
+from imgindex.planner import SyncPlanner, under
 from imgindex.store import Store
 
 if TYPE_CHECKING:
@@ -161,14 +163,6 @@ STAGES = (
 JPEG_BATCH_PIXELS = 200_000_000
 
 
-class _Row(NamedTuple):
-    id: int
-    text: str
-    size: int
-    mtime: float
-    sha: str
-
-
 @dataclass
 class _Read:
     """A file read by a worker: its facts, and its pixels ready for the network unless its
@@ -181,14 +175,6 @@ class _Read:
 
 
 _Outcome = tuple[Path, "_Read | ImageError"]  # a file, and what reading it gave
-
-
-def _is_empty_folder(path: Path) -> bool:
-    try:
-        with os.scandir(path) as entries:
-            return next(entries, None) is None
-    except OSError:
-        return False  # not a folder, or not listable (walking reported that)
 
 
 def build(
@@ -235,16 +221,7 @@ class _Build:
         self.report = BuildReport()
         self.state = Progress(total=0)
         self.skips_to_record: list[SkippedFile] = []
-        self.remove_missing = True
-        # The index's entries by the file name's bytes (what entries are keyed on), the name
-        # of each id, the ids of each content hash.
-        self.known: dict[bytes, _Row] = {}
-        self.raw_of: dict[int, bytes] = {}
-        self.by_sha: dict[str, set[int]] = {}
-        self.gone: dict[int, bytes] = {}  # id -> name of entries whose file no longer exists
-        # Files skipped by earlier builds: name -> (their state then, the pixel limit, why).
-        self.skipped_before: dict[bytes, tuple[FileState | None, int | None, str]] = {}
-        self.unlisted: list[Path] = []  # folders walking reported (not listed, or not followed)
+        self.plan = SyncPlanner({})  # made from the index's entries when the build runs
         # Content waiting in a batch -> later files with the same content, to copy its vector.
         self.twins_waiting: dict[str, list[_Read]] = {}
         # The batch being embedded (on a GPU, maybe still computing), stored after the next.
@@ -280,33 +257,27 @@ class _Build:
         dry_run: bool = False,
     ) -> BuildReport:
         started = time.perf_counter()
-        self.remove_missing = remove_missing
         given = [Path(os.path.abspath(r)) for r in roots]
         roots, self.report.notes = resolve_roots(given)
-        for image_id, text, raw, size, mtime, sha in self.store.file_rows():
-            self.known[raw] = _Row(image_id, text, size, mtime, sha)
-            self.raw_of[image_id] = raw
-            self.by_sha.setdefault(sha, set()).add(image_id)
-        if not retry_skipped:
-            self.skipped_before = self.store.skipped_states()
+        skipped_before = {} if retry_skipped else self.store.skipped_states()
+        self.plan = SyncPlanner.of_rows(self.store.file_rows(), skipped_before, remove_missing)
         try:
             walked = list(walk_images(roots, on_error=self._walking_error))
         except FileNotFoundError as exc:
             raise ImgIndexError(str(exc)) from None
         walked_raw = {os.fsencode(p) for p in walked}
-        todo = [p for p in walked if not self._unchanged(p) and not self._still_skipped(p)]
+        todo = [p for p in walked if not self.plan.unchanged(p) and not self._still_skipped(p)]
         # Entries may also lie under a root as given (through a link, indexed so by an older
         # imgindex): those are looked at too, and moved to the resolved names.
         looked_at = roots + [r for r in given if r not in roots]
-        self._find_gone(looked_at, walked_raw)
+        self.plan.find_gone(looked_at, walked_raw)
+        self.report.warnings += self.plan.warnings
         if dry_run:
             self.report.dry_run = True
             self.report.to_read = [path_text(p) for p in todo]
             if remove_missing:
-                self.report.to_remove = sorted(self.known[raw].text for raw in self.gone.values())
-            self.report.seconds = time.perf_counter() - started
-            self.report.total = self.store.count()
-            return self.report
+                self.report.to_remove = self.plan.gone_texts()
+            return self._finished(started)
         self.state = Progress(total=len(todo))
         self._notify()
         try:
@@ -315,8 +286,8 @@ class _Build:
             if self.skips_to_record:
                 self.store.record_skipped(self.skips_to_record)
                 self.skips_to_record.clear()
-            if remove_missing and self.gone:
-                self.report.removed = self.store.remove(self.gone)
+            if remove_missing and self.plan.gone:
+                self.report.removed = self.store.remove(self.plan.gone)
             self._forget_vanished_skips(looked_at, walked_raw)
         except BaseException:
             # Whatever was committed is saved to the FAISS file too, even after Ctrl-C. Should
@@ -327,85 +298,37 @@ class _Build:
             raise
         self.store.save_vector_index()
         self.report.embedded = self.state.embedded
+        return self._finished(started)
+
+    def _finished(self, started: float) -> BuildReport:
+        """The report, with the planner's counts."""
+        counts = self.plan.counts
+        for name in ("added", "updated", "renamed", "unchanged", "reused", "skipped_unchanged"):
+            setattr(self.report, name, getattr(counts, name))
         self.report.seconds = time.perf_counter() - started
         self.report.total = self.store.count()
         return self.report
 
-    def _unchanged(self, path: Path) -> bool:
-        row = self.known.get(os.fsencode(path))
-        if row is None:
-            return False
-        try:
-            st = os.stat(path)
-        except OSError:
-            return False  # reading it will say why
-        if (st.st_size, st.st_mtime) != (row.size, row.mtime):
-            return False
-        self.report.unchanged += 1
-        return True
-
     def _still_skipped(self, path: Path) -> bool:
-        """Whether ``path`` was skipped before and has not changed since (same size and
-        times), under a pixel limit no lower than this build's: it would fail the same way, so
-        it is reported again without being read."""
-        state, limit, reason = self.skipped_before.get(os.fsencode(path), (None, None, ""))
-        if state is None or limit is None or limit < self._read_limit:
-            return False
-        try:
-            if FileState.of(os.stat(path)) != state:
-                return False
-        except OSError:
+        """Whether ``path`` was skipped before and would fail the same way now (see the
+        planner): reported again without being read."""
+        reason = self.plan.still_skipped(path, self._read_limit)
+        if reason is None:
             return False
         self.report.skipped.append(Skipped(path_text(path), reason))
-        self.report.skipped_unchanged += 1
         return True
 
     def _walking_error(self, folder: Path, reason: str) -> None:
         """A folder walking could not list (or did not follow): skipped, and the entries under
         it are kept, since what it holds is not known."""
-        self.unlisted.append(folder)
+        self.plan.unlisted.append(folder)
         self.skip(folder, reason)
-
-    def _find_gone(self, roots: list[Path], walked: set[bytes]) -> None:
-        """Entries under ``roots`` whose files no longer exist. Only a file known not to exist
-        (:func:`~imgindex.files.is_gone`) is gone: one that exists but was not walked, or whose
-        state cannot be read (permission denied, a network mount that hiccups), or under a
-        folder that could not be listed, keeps its entry. An entry under another name of a
-        walked file (a root given through a link) counts as gone, to move to the walked name.
-        Nor are the entries under a root folder that is empty gone: more likely a drive not
-        mounted than a collection deleted, and re-embedding it all would take long."""
-        unlisted = [path_text(f) for f in self.unlisted]
-        kept_unlisted = 0
-        for raw, row in self.known.items():
-            if raw in walked or not _under(row.text, roots):
-                continue
-            if any(is_under(row.text, folder) for folder in unlisted):
-                kept_unlisted += 1
-            elif is_gone(raw) or os.fsencode(resolve(os.fsdecode(raw))) in walked:
-                self.gone[row.id] = raw
-        if kept_unlisted:
-            self.report.warnings.append(
-                f"{kept_unlisted} indexed images are in folders that could not be listed (see "
-                "the skipped folders); their entries are kept"
-            )
-        for root in roots:
-            if not _is_empty_folder(root):
-                continue
-            kept = [i for i, raw in self.gone.items() if _under(self.known[raw].text, [root])]
-            for image_id in kept:
-                del self.gone[image_id]
-            if kept:
-                self.report.warnings.append(
-                    f"{path_text(root)} is empty, but {len(kept)} indexed images were in it; "
-                    "they are kept (is a drive not mounted?). To drop them: imgindex remove "
-                    f"{path_text(root)}"
-                )
 
     def _forget_vanished_skips(self, roots: list[Path], walked: set[bytes]) -> None:
         vanished = [
             raw
             for text, raw, _reason in self.store.skipped_files()
-            if raw not in walked and _under(text, roots) and is_gone(raw)
+            if raw not in walked and under(text, roots) and is_gone(raw)
         ]
         if vanished:
             self.store.forget_skipped(vanished)
@@ -456,11 +379,11 @@ class _Build:
     def _process(self, todo: list[Path], workers: int | None) -> None:
         if not todo:
             return
-        known_shas = frozenset(self.by_sha)
-        if not self._model_loaded() and self._may_all_be_stored(todo):
+        known_shas = self.plan.known_shas()
+        if not self._model_loaded() and self.plan.may_all_be_stored(todo):
             # Every file has the size of a stored one: perhaps all moved or were copied. They
-            # are hashed in this thread first; the model loads (about 5 s) only if one of them
-            # needs embedding after all.
+            # are hashed in this thread first; the model loads only if one of them needs
+            # embedding after all.
             self._consume(_map_bounded(lambda p: self.read(p, known_shas), todo, 0, 1))
             return
         self.max_pixels  # noqa: B018 - loads the model here, before reading threads ask for it
@@ -476,13 +399,6 @@ class _Build:
 
     def _model_loaded(self) -> bool:
         return "vectorizer" in self.__dict__ or not callable(self._vectorizer_source)
-
-    def _may_all_be_stored(self, todo: list[Path]) -> bool:
-        sizes = {row.size for row in self.known.values()}
-        try:
-            return all(os.stat(path).st_size in sizes for path in todo)
-        except OSError:
-            return False
 
     @contextlib.contextmanager
     def _timed(self, stage: str) -> Iterator[None]:
@@ -616,48 +532,29 @@ class _Build:
         return None
 
     def _reuse(self, read: _Read) -> bool:
-        """Index ``read`` without embedding it if its content is already stored (and sound).
-        Returns whether it did."""
+        """Index ``read`` without embedding it if the planner says its content is stored (and
+        the stored vector is sound). Returns whether it did."""
         image = read.image
-        raw = os.fsencode(image.path)
-        here = self.known.get(raw)
-        if here is not None and here.sha == image.sha256:
-            self.store.touch(here.id, image)
-            self.known[raw] = here._replace(size=image.size, mtime=image.mtime)
-            self.report.unchanged += 1
+        decision = self.plan.decide(image.path, image.sha256)
+        if decision.action == "touched":
+            self.store.touch(decision.entry, image)
+            self.plan.touched(decision.entry, image)
             return True
-        twins = self.by_sha.get(image.sha256)
-        if not twins:
-            return False
-        moved = next((i for i in sorted(twins) if i in self.gone), None)
-        if moved is None and self.remove_missing:
-            # Moved from outside the folders given (a renamed top folder, say): its old file is
-            # gone too, and an entry left at that path would only be a stale duplicate.
-            moved = next((i for i in sorted(twins) if self._file_is_gone(i)), None)
-        source = self.store.get(moved if moved is not None else min(twins))
+        source = self.store.get(decision.entry) if decision.action != "embed" else None
         if source is None:
             return False
         image = NewImage(
             image.path, image.sha256, image.size, image.mtime, source.width, source.height
         )
-        if moved is not None:
-            if here is not None:
-                self._forget(here)
-            self.store.rename(moved, image)
-            self.gone.pop(moved, None)
-            self.known.pop(self.raw_of[moved], None)
-            self._remember(moved, image)
-            self.report.renamed += 1
+        if decision.action == "renamed":
+            self.store.rename(source.id, image)
+            self.plan.moved(decision, image)
         else:
             try:
                 new_id = self.store.copy(source.id, image)
             except DamagedIndexError:
                 return False  # its stored vector is damaged: embed this file instead
-            if here is not None:
-                self._forget(here)
-            self._remember(new_id, image)
-            self._count_new_or_updated(here)
-        self.report.reused += 1
+            self.plan.added(new_id, image, copied=True)
         self._after_commit()
         return True
 
@@ -688,11 +585,7 @@ class _Build:
             new_ids = self.store.write_batch(images, vectors[finite], self.skips_to_record)
         self.skips_to_record.clear()
         for image, new_id in zip(images, new_ids, strict=True):
-            here = self.known.get(os.fsencode(image.path))
-            if here is not None:
-                self._forget(here)
-            self._remember(new_id, image)
-            self._count_new_or_updated(here)
+            self.plan.added(new_id, image)
         self.state.embedded += len(items)
         self.state.done += int(finite.size)
         with self._timed("storing"):
@@ -709,28 +602,6 @@ class _Build:
             self.skip(twin.image.path, reason)
             self.state.done += 1
 
-    def _file_is_gone(self, image_id: int) -> bool:
-        raw = self.raw_of.get(image_id)
-        return raw is not None and raw in self.known and is_gone(raw)
-
-    def _remember(self, image_id: int, image: NewImage) -> None:
-        raw = os.fsencode(image.path)
-        row = _Row(image_id, path_text(image.path), image.size, image.mtime, image.sha256)
-        self.known[raw] = row
-        self.raw_of[image_id] = raw
-        self.by_sha.setdefault(image.sha256, set()).add(image_id)
-
-    def _forget(self, row: _Row) -> None:
-        """The entry ``row`` was replaced; its vector can no longer be reused."""
-        self.by_sha.get(row.sha, set()).discard(row.id)
-        self.gone.pop(row.id, None)
-
-    def _count_new_or_updated(self, previous: _Row | None) -> None:
-        if previous is None:
-            self.report.added += 1
-        else:
-            self.report.updated += 1
-
     def _after_commit(self) -> None:
         self.store.save_vector_index_every(SAVE_EVERY_SECONDS)
 
@@ -746,18 +617,14 @@ class _Build:
             self.progress(self.state)
 
 
-def _under(text: str, roots: list[Path]) -> bool:
-    return any(is_under(text, path_text(root)) for root in roots)
-
-
 def default_workers(device: str) -> int:
     """Reading threads for a build on ``device``.
 
     On a CPU the network already keeps every core busy, and a reading thread running beside it
-    stalls its parallel convolutions far more than the reading costs (about 22 ms per image
-    against 4 ms of reading, measured on 2 cores), so files are read in between forward passes
-    (0 threads). A GPU leaves the cores free for reading ahead: decoding a 1 MP JPEG takes a
-    core about 3 ms, so a GPU embedding 2,000 images/s needs most of a 16-core host's cores.
+    stalls its parallel convolutions far more than the reading costs (benchmarks/ingest.py
+    measures both), so files are read in between forward passes (0 threads). A GPU leaves the
+    cores free for reading ahead, and a fast GPU needs most of the host's cores decoding to
+    keep it fed.
     """
     return 0 if device == "cpu" else max(1, min(16, (os.cpu_count() or 1) - 2))
 
@@ -781,13 +648,10 @@ def _torchvision_decoder() -> tuple[Any, Any]:
 
 @contextlib.contextmanager
 def _one_thread_per_reader(enabled: bool) -> Iterator[None]:
-    """Run PyTorch's CPU operations single-threaded while reading threads work beside a GPU.
-    When the exact resize ran in torch, every reading thread started a parallel region as wide
-    as the machine (14 threads x 16 on a 16-core host) and the threads spun against each other;
-    on 2 cores, 2 reading threads read and resized 1 MP JPEGs 22% faster this way. The resize
-    now runs in numpy, so what this still keeps narrow is the building thread's CPU tensor work
-    (assembling batches) while the readers hold the cores (not measured since). The network is
-    on the GPU, so nothing else needs the CPU pool meanwhile."""
+    """Run PyTorch's CPU operations single-threaded while reading threads work beside a GPU:
+    a parallel region as wide as the machine, started by the building thread's CPU tensor work
+    (assembling batches) while the readers hold the cores, would spin against them. The
+    network is on the GPU, so nothing else needs the CPU pool meanwhile."""
     if not enabled:
         yield
         return

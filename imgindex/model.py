@@ -46,8 +46,8 @@ class PaddedForward:
     result for each image as a forward pass at its own size.
 
     On a GPU every new input shape costs cuDNN a new execution plan for each of ResNet50's 53
-    convolutions (about 20 ms a shape, and its plan cache of 10,000 entries thrashes on a
-    collection of many aspect ratios: 130 images/s on an H100 where one shape runs 2,500). So
+    convolutions, and its plan cache of 10,000 entries thrashes on a collection of many aspect
+    ratios, which then runs many times slower than one shape (the README's GPU section). So
     images are padded to a few shapes (multiples of ``BUCKET`` pixels) and the padding is kept
     exactly zero wherever a convolution could see it: a convolution's own zero padding then looks
     the same as the padded area, and valid outputs are unchanged. Only the inputs of 3x3 and
@@ -203,8 +203,8 @@ class Vectorizer:
         input should have. Either way the vectors move by less than 1e-5.
 
         On a CPU in fp32, TorchScript freezing folds batch norm into the convolutions and runs
-        them in oneDNN's own layout (about 1.1x eager channels_last and 1.4x imgsim on the 2-core
-        test machine, benchmarks/ingest.py). Elsewhere, and should scripting fail, channels_last
+        them in oneDNN's own layout, faster than eager channels_last (benchmarks/ingest.py
+        measures both against imgsim). Elsewhere, and should scripting fail, channels_last
         lets oneDNN / cuDNN pick their fastest kernels.
         """
         import torch

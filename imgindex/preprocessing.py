@@ -135,7 +135,7 @@ def opencv_bilinear_resize(
     a0, a1 = np.repeat(a0, channels), np.repeat(a1, channels)
     b0, b1 = b0[:, None], b1[:, None]
     # Each source row is filtered horizontally once, however many output rows use it
-    # (upscaling reuses every row about twice): 3-5 times faster than filtering per output row.
+    # (upscaling reuses every row about twice), instead of once per output row that reads it.
     rows, which = np.unique(np.concatenate([y0, y1]), return_inverse=True)
     flat = pixels.reshape(src_h, src_w * channels)
     if not isinstance(pixels, np.ndarray):
@@ -157,8 +157,8 @@ def opencv_bilinear_resize(
 
     else:
         # The intermediate arrays (megabytes each) go to buffers the thread keeps: fresh ones
-        # are page-faulted in on every call, which took longer than the arithmetic (a 1 MP
-        # photo: 7.0 ms, 3.6 with the buffers, on one core of the 2-core test machine).
+        # would be page-faulted in on every call, which costs about as much as the arithmetic
+        # (benchmarks/reading.py measures the resize).
         scratch = _Scratch.of_this_thread()
 
         def take(values: Any, index: np.ndarray, axis: int, slot: str) -> Any:

@@ -6,6 +6,7 @@ import functools
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -321,7 +322,7 @@ def train(
     """
     from imgindex.devices import resolve_device
     from imgindex.files import walk_images
-    from imgindex.train import TrainOptions, default_step, step_memory
+    from imgindex.train import TrainOptions, default_step
     from imgindex.train import train as run_training
 
     require_existing(folders, "FOLDERS")
@@ -342,7 +343,33 @@ def train(
         labels = counted(len(set(eval_set.labels)), "label")
         say(f"Evaluation set: {counted(len(eval_set), 'image')}, {labels}.")
     say(f"Training on {len(images)} images (no labels used).")
-    on_cpu = resolve_device(device) == "cpu"
+    _say_how_it_trains(say, options, len(images), resume, resolve_device(device) == "cpu")
+    line = TrainProgressLine(progress and not as_json, say_first_step=not as_json)
+    on_eval, on_unreadable, on_interrupt = _training_callbacks(line, say)
+    try:
+        report = run_training(
+            images, out, options, steps=steps, minutes=minutes, eval_set=eval_set,
+            resume=resume, overwrite=force, device=device, precision=precision, workers=workers,
+            checkpoint_minutes=checkpoint_minutes, checkpoint_every=checkpoint_every,
+            on_progress=line, on_eval=on_eval, on_unreadable=on_unreadable,
+            on_interrupt=on_interrupt,
+        )  # fmt: skip
+    finally:
+        line.clear()
+    if as_json:
+        print_json(report.as_dict())
+    else:
+        _say_what_was_trained(report, out)
+    if report.stopped_by == "interrupt":
+        sys.exit(130)
+
+
+def _say_how_it_trains(
+    say: Callable[[str], None], options: Any, images: int, resume: bool, on_cpu: bool
+) -> None:
+    """Before training: the options a resumed run ignores, or what each step holds."""
+    from imgindex.train import step_memory
+
     if resume:
         context = click.get_current_context()
         training_options = ("arch", "init", "images_per_step", "views_per_image", "crop_size")
@@ -354,22 +381,25 @@ def train(
         ]
         if given:
             say(f"Resuming with the run's own options: {', '.join(given)} ignored.")
-    else:
-        per_step = min(options.images_per_step, len(images))
-        cost = ""
-        if on_cpu:
-            need = step_memory(arch, per_step, options.views_per_image, options.crop_size)
-            cost = f", about {need / 1e9:.1f} GB of memory"
+        return
+    per_step = min(options.images_per_step, images)
+    cost = ""
+    if on_cpu:
+        need = step_memory(options.arch, per_step, options.views_per_image, options.crop_size)
+        cost = f", about {need / 1e9:.1f} GB of memory"
+    say(
+        f"Each step: {per_step} images x {options.views_per_image} views of "
+        f"{options.crop_size} pixels{cost}."
+    )
+    if on_cpu and options.arch == "resnet50":
         say(
-            f"Each step: {per_step} images x {options.views_per_image} views of "
-            f"{options.crop_size} pixels{cost}."
+            "No GPU: a ResNet50 trains slowly on a CPU (the README's training section has "
+            "figures); --arch resnet18 --init scratch is faster."
         )
-        if on_cpu and arch == "resnet50":
-            say(
-                "No GPU: a ResNet50 trains at about 24 views/s on 2 CPU cores with 96-pixel "
-                "crops (an H100: 2,500 at 224); --arch resnet18 --init scratch is faster."
-            )
-    line = TrainProgressLine(progress and not as_json, say_first_step=not as_json)
+
+
+def _training_callbacks(line: Any, say: Callable[[str], None]) -> tuple[Any, Any, Any]:
+    """What training reports as it goes: evaluations, unreadable images, a first Ctrl-C."""
 
     def on_eval(result: Any) -> None:
         line.clear()
@@ -388,21 +418,10 @@ def train(
         line.clear()
         say("Stopping after this step, which is saved (Ctrl-C again: at once, without it).")
 
-    try:
-        report = run_training(
-            images, out, options, steps=steps, minutes=minutes, eval_set=eval_set,
-            resume=resume, overwrite=force, device=device, precision=precision, workers=workers,
-            checkpoint_minutes=checkpoint_minutes, checkpoint_every=checkpoint_every,
-            on_progress=line, on_eval=on_eval, on_unreadable=on_unreadable,
-            on_interrupt=on_interrupt,
-        )  # fmt: skip
-    finally:
-        line.clear()
-    if as_json:
-        print_json(report.as_dict())
-        if report.stopped_by == "interrupt":
-            sys.exit(130)
-        return
+    return on_eval, on_unreadable, on_interrupt
+
+
+def _say_what_was_trained(report: Any, out: Path) -> None:
     how = {"steps": "step budget reached", "minutes": "time budget reached"}
     how["interrupt"] = "interrupted"
     if report.cut_short:
@@ -424,8 +443,6 @@ def train(
     else:
         click.echo(f"Weights: {shown(str(out))}; resumable state: {shown(str(report.last))}.")
         click.echo(f"Use them: imgindex build FOLDER --weights {shown(str(out))}")
-    if report.stopped_by == "interrupt":
-        sys.exit(130)
 
 
 def _eval_set(eval_dir: Path | None, eval_labels: Path | None) -> Any:
