@@ -6,7 +6,7 @@ picture's views and far from the other pictures' centres (Chen et al., arXiv:210
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from imgindex.augment import photometric
 from imgindex.devices import memory_format
@@ -15,7 +15,13 @@ from imgindex.preprocessing import PRESETS
 if TYPE_CHECKING:
     import torch
 
-    from imgindex.train import TrainOptions
+
+class LossOptions(Protocol):
+    """What the objective takes from the training options (``train.TrainOptions``)."""
+
+    loss: str  # "contrastive" or "softmax"
+    temperature: float
+    margin: float
 
 
 def augnet_loss(
@@ -61,7 +67,7 @@ def train_step(
     optimizer: torch.optim.Optimizer,
     views: torch.Tensor,
     images: int,
-    options: TrainOptions,
+    options: LossOptions,
     generator: torch.Generator,
     bf16: bool,
 ) -> torch.Tensor:

@@ -34,6 +34,7 @@ from imgindex.errors import (
 )
 from imgindex.files import resolve
 from imgindex.folder import FAISS_NAME, disk_usage
+from imgindex.index.writing import Writing, as_spec, serialized
 from imgindex.marked import marked_records, move_marked
 from imgindex.model import Vectorizer, _split_batch
 from imgindex.preprocessing import PRESETS
@@ -50,7 +51,6 @@ from imgindex.search import (
 )
 from imgindex.store import Store, database_state
 from imgindex.thumbnails import THUMBNAIL_SIZE, Thumbnail, ThumbnailCache
-from imgindex.writing import Writing, as_spec, serialized
 
 INDEX_ENV = "IMGINDEX_INDEX"
 
