@@ -49,6 +49,10 @@ DEVICE_NAME = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
 def resolve_device(device: str | None) -> str:
+    if device in (None, "auto") and not cuda_may_exist():
+        return "cpu"  # without importing torch (seconds), where no NVIDIA driver is loaded
+    if device == "cpu":
+        return device
     import torch
 
     if device in (None, "auto"):
@@ -60,14 +64,26 @@ def resolve_device(device: str | None) -> str:
     return device
 
 
+def cuda_may_exist() -> bool:
+    """Whether a CUDA GPU may be visible: torch is loaded already, or an NVIDIA driver is (its
+    device files or its /proc folder). False means no CUDA GPU for certain, known without
+    importing torch."""
+    import os
+    import sys
+
+    if "torch" in sys.modules:
+        return True
+    return os.path.exists("/dev/nvidia0") or os.path.isdir("/proc/driver/nvidia/gpus")
+
+
 def default_precision(preset: str, device: str) -> str:
     """fp32 for the exact preset (its promise is imgsim's vectors); for the fast preset, bf16
     where the hardware computes it natively (a CUDA GPU, or a CPU with AVX512-BF16 / AMX),
     which moves the vectors by a cosine of about 5e-5 (measured on caltech101-dev)."""
-    import torch
-
     if preset == "exact":
         return "fp32"
+    import torch
+
     if device.startswith("cuda"):
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
     try:

@@ -357,7 +357,7 @@ class _Build:
                 data, name, self.max_pixels, self.vectorizer.preprocessing.draft_to
             )
             image = NewImage(path, sha, len(data), st.st_mtime, pixels.shape[1], pixels.shape[0])
-            return _Read(image, self.vectorizer.preprocessing.resize(pixels, name))
+            return _Read(image, self.vectorizer.resize(pixels, name))
         except ImageError as exc:
             exc.stat = exc.stat or st
             raise

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from imgindex import onnxrt
 from imgindex.decode import (
     DEFAULT_MAX_PIXELS,
     decode_image_bytes,
@@ -26,7 +27,7 @@ from imgindex.decode import (
     read_image_file,
 )
 from imgindex.devices import PRECISIONS, default_precision, resolve_device, to_device
-from imgindex.errors import ImageError
+from imgindex.errors import ImageError, WeightsError
 from imgindex.preprocessing import PRESETS
 from imgindex.weights import (
     EMBEDDING_DIM,
@@ -149,6 +150,7 @@ class Vectorizer:
         preset: str = "exact",
         precision: str | None = None,
         pad_batches: bool | None = None,
+        runtime: str | None = None,
     ):
         if preset not in PRESETS:
             raise ValueError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
@@ -165,6 +167,15 @@ class Vectorizer:
             precision if precision in PRECISIONS else default_precision(preset, self.device)
         )
         self.weights = self._resolve_weights(weights)
+        runtime = runtime or os.environ.get(onnxrt.RUNTIME_ENV) or "auto"
+        if runtime == "auto" and pad_batches:
+            runtime = "torch"  # padded batches are torch's (PaddedForward)
+        self.runtime = self._choose_runtime(runtime)
+        if self.runtime == "onnx":
+            self.pad_batches = False
+            self._padded = None
+            self.network = self._onnx_network()
+            return
         # Padded batches by default on GPUs, where each new input shape is expensive (see
         # PaddedForward); CPUs run exact shapes, each as fast as it comes.
         self.pad_batches = self.device != "cpu" if pad_batches is None else pad_batches
@@ -185,6 +196,7 @@ class Vectorizer:
         import torch
 
         self = cls.__new__(cls)
+        self.runtime = "torch"
         self.device = device
         self.batch_size = batch_size
         self.max_pixels = DEFAULT_MAX_PIXELS
@@ -222,6 +234,35 @@ class Vectorizer:
             except Exception:  # an older or newer TorchScript: eager is fine too
                 pass
         return network.to(memory_format=torch.channels_last), torch.channels_last
+
+    def _choose_runtime(self, runtime: str) -> str:
+        """ "torch" or "onnx" for ``runtime`` (auto, torch or onnx): auto is ONNX Runtime for fp32
+        on a CPU when it is installed (no torch start-up), else torch; GPU work stays on torch."""
+        if runtime not in onnxrt.RUNTIMES:
+            raise ValueError(f"unknown runtime {runtime!r}; choose auto, torch or onnx")
+        fits = self.device == "cpu" and self.precision == "fp32"
+        if runtime == "onnx":
+            if not fits:
+                raise ValueError(
+                    "the onnx runtime computes in fp32 on the CPU; use --runtime torch for "
+                    f"{self.device} / {self.precision}"
+                )
+            if not onnxrt.available():
+                raise WeightsError("the onnx runtime needs ONNX Runtime: pip install onnxruntime")
+        if runtime == "auto":
+            return "onnx" if fits and onnxrt.available() else "torch"
+        return runtime
+
+    def _onnx_network(self) -> onnxrt.OnnxNetwork:
+        """The network exported to ONNX (from the cache, else exported now: needs torch)."""
+        key = onnxrt.NetworkKey(self.weights.sha256, self.preprocessing.preset, self.precision)
+        found = onnxrt.cached(key)
+        if found is None:
+            network = self._build_network().eval()  # sets model_name for this network
+            found = onnxrt.export(key, network, self.model_name)
+        path, record = found
+        self.model_name = record["model"]
+        return onnxrt.OnnxNetwork(path)
 
     # Overridden by a test stand-in; see tests/conftest.py. A class method: an index checks an
     # existing index's weights with it before deciding whether the model is needed at all.
@@ -274,9 +315,15 @@ class Vectorizer:
 
     def prepare(self, image: Any, channels: str = "bgr") -> torch.Tensor:
         """One image -> its resized ``3 x h x w`` uint8 tensor (the network's input before
-        normalisation)."""
+        normalisation; a numpy array on the onnx runtime)."""
         rgb, name = self._to_rgb(image, channels)
-        return self.preprocessing.resize(rgb, name)
+        return self.resize(rgb, name)
+
+    def resize(self, pixels: Any, name: str = "<image>") -> Any:
+        """Decoded ``H x W x 3`` RGB pixels -> what :meth:`prepare` gives."""
+        if self.runtime == "onnx":
+            return self.preprocessing.resize_array(pixels, name)
+        return self.preprocessing.resize(pixels, name)
 
     def group_key(self, tensor: torch.Tensor) -> tuple[int, ...]:
         """Images with equal keys can share a batch: equal shapes, or on a GPU, equal padded
@@ -292,6 +339,8 @@ class Vectorizer:
         """Start embedding prepared tensors that share a :meth:`group_key`, in one batch; on a
         GPU this returns before the vectors are computed, so the caller can prepare the next
         batch (or store the last one) meanwhile."""
+        if self.runtime == "onnx":
+            return self.start_batch(np.stack(list(tensors)))
         import torch
 
         if self._padded is None:
@@ -344,6 +393,9 @@ class Vectorizer:
         """:meth:`embed_batch`, started: the vectors of the first ``count`` images (default:
         all) come from the returned object's ``result()``. Nothing on the way makes the CPU wait
         for the GPU (no synchronous copies), so the GPU can still be busy with earlier batches."""
+        if self.runtime == "onnx":
+            x = self.preprocessing.normalize_array(np.asarray(batch))
+            return ReadyVectors(self.network(x)[:count])
         import torch
 
         with torch.inference_mode():
@@ -407,6 +459,16 @@ class PendingVectors:
         if self._event is not None:
             self._event.synchronize()
         return self._vectors.numpy()
+
+
+class ReadyVectors:
+    """Vectors computed already (the onnx runtime): ``result()`` as for PendingVectors."""
+
+    def __init__(self, vectors: np.ndarray):
+        self._vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+
+    def result(self) -> np.ndarray:
+        return self._vectors
 
 
 def _split_batch(images: Any) -> tuple[bool, list[Any]]:

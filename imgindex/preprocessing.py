@@ -74,24 +74,45 @@ class Preprocessing:
                 f"(limit {self.max_aspect_ratio:.0f}:1)",
             )
 
+    def resize_array(self, rgb: np.ndarray, name: str = "<image>") -> np.ndarray:
+        """H x W x 3 uint8 RGB -> 3 x h x w uint8 array with the short side at ``short_side``
+        (numpy only: what the ONNX runtime embeds)."""
+        height, width = rgb.shape[:2]
+        self.check(width, height, name)
+        new_w, new_h = self.target_size(width, height)
+        if (new_w, new_h) != (width, height):
+            return opencv_bilinear_resize(rgb, new_w, new_h, channels_first=True)
+        return np.ascontiguousarray(rgb.transpose(2, 0, 1))
+
+    def normalize_array(self, batch: np.ndarray) -> np.ndarray:
+        """N x 3 x h x w uint8 -> float32 network input, the same numbers as :meth:`normalize`
+        (the same float32 operations, each correctly rounded)."""
+        x = batch.astype(np.float32) / np.float32(255.0)
+        mean = np.asarray(self.mean, np.float32).reshape(1, 3, 1, 1)
+        std = np.asarray(self.std, np.float32).reshape(1, 3, 1, 1)
+        return (x - mean) / std
+
     def resize(self, rgb: np.ndarray | torch.Tensor, name: str = "<image>") -> torch.Tensor:
         """H x W x 3 uint8 RGB (an array, or a tensor on any device) -> 3 x h x w uint8 tensor
         with the short side at ``short_side``."""
         import torch
 
+        if isinstance(rgb, np.ndarray):
+            return torch.from_numpy(self.resize_array(rgb, name))
         height, width = rgb.shape[:2]
         self.check(width, height, name)
         new_w, new_h = self.target_size(width, height)
         if (new_w, new_h) != (width, height):
-            rgb = opencv_bilinear_resize(rgb, new_w, new_h, channels_first=True)
-        elif isinstance(rgb, torch.Tensor):
-            rgb = rgb.permute(2, 0, 1).contiguous()
-        else:
-            rgb = np.ascontiguousarray(rgb.transpose(2, 0, 1))
-        return rgb if isinstance(rgb, torch.Tensor) else torch.from_numpy(rgb)
+            return opencv_bilinear_resize(rgb, new_w, new_h, channels_first=True)
+        return rgb.permute(2, 0, 1).contiguous()
 
-    def normalize(self, batch: torch.Tensor) -> torch.Tensor:
-        """N x 3 x h x w uint8 -> float32 network input."""
+    def normalize(self, batch: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """N x 3 x h x w uint8 (a tensor, or an array as the onnx runtime prepares it) ->
+        float32 network input, a tensor."""
+        if isinstance(batch, np.ndarray):
+            import torch
+
+            return torch.from_numpy(self.normalize_array(batch))
         return self.standardize(batch.float() / 255.0)
 
     def standardize(self, x: torch.Tensor) -> torch.Tensor:

@@ -47,6 +47,10 @@ class FakeVectorizer(Vectorizer):
     def _resolve_weights(cls, weights):
         return Weights(path=Path("tinynet"), sha256="0" * 64, is_default=False)
 
+    def _choose_runtime(self, runtime):
+        # The pipeline tests patch and inspect the torch network; ONNX has tests of its own.
+        return "onnx" if runtime == "onnx" else "torch"
+
     def _build_network(self):
         return TinyNet().eval()
 
@@ -89,12 +93,21 @@ def augnet() -> Vectorizer:
     return Vectorizer(device="cpu")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _onnx_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Networks exported to ONNX go to one folder for the session, not the user's cache."""
+    import os
+
+    os.environ["IMGINDEX_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+
+
 @pytest.fixture(autouse=True)
 def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """No test reads or writes the user's default index or picks up their weights."""
     monkeypatch.setenv("IMGINDEX_INDEX", str(tmp_path / "default-index"))
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
     monkeypatch.delenv("IMGINDEX_WEIGHTS", raising=False)
+    monkeypatch.delenv("IMGINDEX_RUNTIME", raising=False)  # (--runtime sets it)
 
 
 @pytest.fixture

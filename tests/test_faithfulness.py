@@ -31,9 +31,12 @@ SIX = [
 ]
 
 
-@pytest.fixture(scope="module")
-def ours(augnet):
-    return augnet.vectorize([ROOT / p for p in PATHS])
+@pytest.fixture(scope="module", params=["onnx", "torch"])
+def ours(request):
+    """The vectors of each runtime (onnx is the CPU's default)."""
+    vectorizer = imgindex.Vectorizer(device="cpu", runtime=request.param)
+    assert vectorizer.runtime == request.param
+    return vectorizer.vectorize([ROOT / p for p in PATHS])
 
 
 def test_reference_was_made_by_imgsim():

@@ -52,7 +52,27 @@ def model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         help="bf16 is faster on GPUs and on CPUs with bf16 units (vectors move by a cosine of "
         "about 5e-5). auto: fp32 for the exact preset, bf16 for fast where supported.",
     )(fn)
+    fn = click.option(
+        "--runtime",
+        type=click.Choice(["auto", "torch", "onnx"]),
+        default=None,
+        envvar="IMGINDEX_RUNTIME",
+        show_envvar=True,
+        expose_value=False,
+        callback=_set_runtime,
+        help="What runs the network. onnx: ONNX Runtime, fp32 on the CPU, started without "
+        "PyTorch (the network is exported once and cached). auto (default): onnx for fp32 on "
+        "a CPU, else torch.",
+    )(fn)
     return fn
+
+
+def _set_runtime(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    """Every Vectorizer this command makes uses ``value`` (see imgindex.onnxrt)."""
+    if value is not None:
+        from imgindex.onnxrt import RUNTIME_ENV
+
+        os.environ[RUNTIME_ENV] = value
 
 
 def check_device(ctx: click.Context, param: click.Parameter, value: str) -> str:
@@ -199,4 +219,7 @@ def open_index(index_path: Path | None, **kwargs: Any) -> Any:
 
 
 def main() -> None:
+    from imgindex import onnxrt
+
+    onnxrt.on_export = lambda message: click.echo(f"imgindex: {message}", err=True)
     cli(prog_name="imgindex")

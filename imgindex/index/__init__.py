@@ -211,6 +211,7 @@ class Index(Writing):
         if self._vectorizer is None:
             args = {k: v for k, v in self._vectorizer_args.items() if v is not None}
             args.setdefault("preset", self.preset)
+            self.check_weights()  # before loading (or exporting) a network only to refuse it
             vectorizer = Vectorizer(**args)
             self._check_compatible(vectorizer)
             self._vectorizer = vectorizer
@@ -590,7 +591,15 @@ class Index(Writing):
         return self._store.describe()
 
 
-VECTORIZER_ARGS = ("weights", "device", "batch_size", "precision", "preset", "max_pixels")
+VECTORIZER_ARGS = (
+    "weights",
+    "device",
+    "batch_size",
+    "precision",
+    "preset",
+    "max_pixels",
+    "runtime",
+)
 
 
 def _check_vectorizer_args(args: dict[str, Any]) -> None:
