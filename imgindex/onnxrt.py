@@ -17,6 +17,7 @@ vectors agree with torch's to float rounding.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import io
@@ -141,6 +142,105 @@ def export(key: NetworkKey, network: Any, model_name: str) -> tuple[Path, dict[s
     text = json.dumps(record, indent=1, sort_keys=True)
     write_file(record_path, lambda fh: fh.write(text.encode()))
     return path, record
+
+
+CALIBRATION = Path(__file__).resolve().parent / "calibration"
+
+
+def quantize(
+    key: NetworkKey, fp32: Path, fp32_record: dict[str, Any]
+) -> tuple[Path, dict[str, Any]]:
+    """Quantize the exported fp32 network ``fp32`` to INT8 for ``key`` (static quantization:
+    int8 weights per output channel, uint8 activations whose ranges are calibrated on the
+    bundled photos, :data:`CALIBRATION`, at the 99.999th percentile), into the cache.
+
+    The first convolution, the last stage and the projection to 768 stay in fp32: quantizing
+    them moves the vectors most (benchmarks/startup.py's quality table measures what is kept)."""
+    import tempfile
+
+    import onnx
+    from onnxruntime import quantization as q
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    path, record_path = key.paths()
+    if on_export is not None:
+        on_export(f"quantizing the network to INT8, calibrated on {CALIBRATION} (once): {path}")
+    with tempfile.TemporaryDirectory() as scratch:
+        prepared = Path(scratch) / "prepared.onnx"
+        quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
+        nodes = onnx.load(str(prepared)).graph.node
+        keep = [n.name for n in nodes if _kept_in_fp32(n)]
+        quantized = Path(scratch) / "int8.onnx"
+        # (onnxruntime prints its calibration settings on stdout, which is the user's output.)
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            q.quantize_static(
+                str(prepared),
+                str(quantized),
+                _Calibration(key.preset),
+                quant_format=q.QuantFormat.QDQ,
+                per_channel=True,
+                weight_type=q.QuantType.QInt8,
+                activation_type=q.QuantType.QUInt8,
+                calibrate_method=q.CalibrationMethod.Percentile,
+                nodes_to_exclude=keep,
+            )
+        data = quantized.read_bytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_file(path, lambda fh: fh.write(data))
+    record = {
+        **fp32_record,
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "precision": "int8",
+        "model": f"{fp32_record['model']}-int8",
+        "calibration": sorted(p.name for p in CALIBRATION.glob("*.jpg")),
+        "kept_in_fp32": keep,
+    }
+    text = json.dumps(record, indent=1, sort_keys=True)
+    write_file(record_path, lambda fh: fh.write(text.encode()))
+    return path, record
+
+
+def _kept_in_fp32(node: Any) -> bool:
+    name = node.name
+    return (
+        node.op_type in ("Gemm", "MatMul", "Tanh")
+        or "layer4" in name
+        or (name.endswith("/conv1/Conv") and "layer" not in name)
+    )
+
+
+class _Calibration:
+    """The calibration photos as the preset's network input (onnxruntime's data reader)."""
+
+    def __init__(self, preset: str):
+        from imgindex.decode import read_image_file
+        from imgindex.preprocessing import PRESETS
+
+        self.preprocessing = PRESETS[preset]
+        self.paths = iter(sorted(CALIBRATION.glob("*.jpg")))
+        self.read = read_image_file
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        path = next(self.paths, None)
+        if path is None:
+            return None
+        pixels = self.read(path).pixels
+        side = self.preprocessing.short_side
+        resized = self.preprocessing.resize_array(pixels, str(path))[:, :side, :side]
+        return {"images": self.preprocessing.normalize_array(np.ascontiguousarray(resized[None]))}
+
+    def __iter__(self) -> Any:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        item = self.get_next()
+        if item is None:
+            raise StopIteration
+        return item
+
+    def rewind(self) -> None:
+        self.paths = iter(sorted(CALIBRATION.glob("*.jpg")))
 
 
 class OnnxNetwork:

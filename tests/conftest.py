@@ -47,6 +47,9 @@ class FakeVectorizer(Vectorizer):
     def _resolve_weights(cls, weights):
         return Weights(path=Path("tinynet"), sha256="0" * 64, is_default=False)
 
+    def _int8_by_default(self, preset, runtime):
+        return False
+
     def _choose_runtime(self, runtime):
         # The pipeline tests patch and inspect the torch network; ONNX has tests of its own.
         return "onnx" if runtime == "onnx" else "torch"

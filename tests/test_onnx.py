@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,7 +24,7 @@ IMAGES = sorted(DATA.glob("*/*.jpg"))[:8]
 def test_a_runtime_is_checked_before_any_network_is_loaded():
     with pytest.raises(ValueError, match="unknown runtime"):
         Vectorizer(device="cpu", runtime="tensorrt")
-    with pytest.raises(ValueError, match="computes in fp32 on the CPU"):
+    with pytest.raises(ValueError, match="computes in fp32 or int8 on the CPU"):
         Vectorizer(device="cpu", precision="bf16", runtime="onnx")
 
 
@@ -104,3 +105,40 @@ def test_a_query_process_does_not_import_torch_once_the_network_is_cached(tmp_pa
     assert [h["id"] for h in onnx_hits] == [h["id"] for h in torch_hits] and len(onnx_hits) == 3
     for a, b in zip(onnx_hits, torch_hits, strict=True):
         assert abs(a["distance"] - b["distance"]) < 1e-3
+
+
+def test_int8_runs_on_the_onnx_runtime_only():
+    with pytest.raises(ValueError, match="int8 runs on the onnx runtime"):
+        Vectorizer(device="cpu", precision="int8", runtime="torch")
+
+
+@pytest.mark.slow
+def test_the_fast_preset_is_int8_on_a_cpu_recorded_apart_and_kept_by_its_index(tmp_path):
+    import imgindex
+
+    int8 = Vectorizer(device="cpu", preset="fast")
+    fp32 = Vectorizer(device="cpu", preset="fast", precision="fp32")
+    assert (int8.runtime, int8.precision) == ("onnx", "int8")
+    assert int8.fingerprint()["model"] == fp32.fingerprint()["model"] + "-int8"
+    a, b = int8.vectorize(IMAGES), fp32.vectorize(IMAGES)
+    cosine = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert np.median(cosine) > 0.95, cosine
+    [record] = (Path(os.environ["IMGINDEX_CACHE"]) / "onnx").glob("*-fast-int8-*.json")
+    assert "layer4" in " ".join(json.loads(record.read_text())["kept_in_fp32"])
+
+    with imgindex.Index.create(tmp_path / "i8", preset="fast", device="cpu") as index:
+        index.add([DATA / "pizza"])
+    with imgindex.Index.open(tmp_path / "i8", device="cpu") as index:
+        assert index.vectorizer.precision == "int8"  # an int8 index is queried in int8
+        pizza = DATA / "pizza" / "image_0001.jpg"
+        [hit] = index.search(pizza, k=1)
+        assert hit.path == str(pizza) and hit.score < 1e-3  # the same int8 vector
+    with imgindex.Index.create(tmp_path / "f", preset="fast", precision="fp32", device="cpu") as ix:
+        ix.add([DATA / "pizza"])
+    with imgindex.Index.open(tmp_path / "f", device="cpu") as index:
+        assert index.vectorizer.precision != "int8"  # a float index stays float
+    with (
+        imgindex.Index.open(tmp_path / "i8", precision="fp32", device="cpu") as index,
+        pytest.raises(imgindex.errors.IncompatibleIndexError, match="int8"),
+    ):
+        index.search(IMAGES[0])

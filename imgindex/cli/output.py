@@ -70,6 +70,14 @@ class StageTimer:
         self._last = now
 
 
+def model_stage(vectorizer: Any) -> str:
+    """The --verbose name of loading ``vectorizer``: its runtime and precision, and where the
+    time went (importing torch, exporting, loading)."""
+    parts = [f"{name} {seconds:.3f} s" for name, seconds in vectorizer.timings.items()]
+    detail = f"; {', '.join(parts)}" if parts else ""
+    return f"load model ({vectorizer.runtime} runtime, {vectorizer.precision}{detail})"
+
+
 class StatusLine:
     """A status line on stderr: rewritten in place on a terminal, at most every ``interval``
     seconds; elsewhere (a log file, a job scheduler) printed as a plain line every ``log_every``

@@ -23,7 +23,7 @@ from imgindex.cli.app import (
     user_errors,
     verbose_option,
 )
-from imgindex.cli.output import StageTimer, display_path, print_json, shown
+from imgindex.cli.output import StageTimer, display_path, model_stage, print_json, shown
 from imgindex.errors import ImageError, ImgIndexError
 from imgindex.files import path_text
 
@@ -167,8 +167,8 @@ def query(
         return
     with open_index(index_path, **model) as index:
         timer.done("open index")
-        index.vectorizer  # noqa: B018 - load the model now, so its time is reported apart
-        timer.done("load model")
+        # The model is loaded now, so that its time is reported apart.
+        timer.done(model_stage(index.vectorizer))
         answers = index.search_each(list(images), **search)
         timer.done(f"embed {len(images)} image(s) and search")
         total = index.count()
@@ -444,7 +444,7 @@ def distance(
         device=device, weights=weights, precision=precision, preset=preset or "exact",
         max_pixels=max_pixels,
     )  # fmt: skip
-    timer.done("load model")
+    timer.done(model_stage(vectorizer))
     vectors = vectorizer.vectorize(list(images))
     timer.done(f"embed {len(images)} image(s)")
     matrix = score(vectors, vectors, metric)

@@ -211,11 +211,22 @@ class Index(Writing):
         if self._vectorizer is None:
             args = {k: v for k, v in self._vectorizer_args.items() if v is not None}
             args.setdefault("preset", self.preset)
+            if args.get("precision") in (None, "auto"):
+                args["precision"] = self._precision_of_index(args)
             self.check_weights()  # before loading (or exporting) a network only to refuse it
             vectorizer = Vectorizer(**args)
             self._check_compatible(vectorizer)
             self._vectorizer = vectorizer
         return self._vectorizer
+
+    def _precision_of_index(self, args: dict[str, Any]) -> str:
+        """The precision to embed with when none is given: int8 for an index of INT8 vectors,
+        else the float default of the preset and device (an index's vectors are never mixed)."""
+        if self._store.fingerprint()["model"].endswith("-int8"):
+            return "int8"
+        from imgindex.devices import default_precision, resolve_device
+
+        return default_precision(args["preset"], resolve_device(args.get("device")))
 
     @property
     @serialized
