@@ -75,6 +75,15 @@ class _Sink:
     def flush(self) -> None:
         pass
 
+    # What file-object wrappers (pyarrow's PythonFile) ask of a writable file.
+    closed = False
+
+    def writable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.size
+
 
 def temporary_name(target: Path) -> Path:
     """The name a new version of ``target`` is written under: hidden, unpredictable."""

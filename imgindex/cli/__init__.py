@@ -8,7 +8,14 @@ The commands live in one module per group (indexing, searching, reviewing, quali
 through :class:`~imgindex.Index` only.
 """
 
-from imgindex.cli import indexing, quality, reviewing, searching, serving  # noqa: F401 - commands
+from imgindex.cli import (  # noqa: F401 - commands
+    exchange,
+    indexing,
+    quality,
+    reviewing,
+    searching,
+    serving,
+)
 from imgindex.cli.app import cli, main
 from imgindex.cli.output import ProgressLine, shown
 from imgindex.cli.reviewing import DUPLICATE_THRESHOLDS

@@ -136,6 +136,7 @@ class Index(Writing):
         wait: float = 0.0,
         on_wait: Callable[[str], None] | None = None,
         private: bool = False,
+        fingerprint: dict[str, Any] | None = None,
         **vectorizer_args: Any,
     ) -> Index:
         """Create a new, empty index at ``path``; it records the vectorizer's weights and
@@ -146,17 +147,18 @@ class Index(Writing):
         long to wait for another process writing there (creating it, say). With ``private``
         (or when the nearest existing folder above is private) the index folder is made 0700:
         it holds the full paths of the images, which the umask would otherwise let others
-        read."""
+        read. With ``fingerprint`` (as :meth:`fingerprint` gives), the index records those
+        vectors instead and no network is loaded: for vectors made elsewhere (an import)."""
         _check_vectorizer_args(vectorizer_args)
         path = _index_path(path)
         spec = as_spec(index_type, metric)
         if database_state(path) == "complete":  # before loading the model for nothing
             raise IndexExistsError(f"{path}: an index already exists here")
         args = {k: v for k, v in vectorizer_args.items() if v is not None}
-        vectorizer = vectorizer or Vectorizer(**args)
-        store = Store.create(
-            path, vectorizer.fingerprint(), spec, wait=wait, on_wait=on_wait, private=private
-        )
+        if fingerprint is None:
+            vectorizer = vectorizer or Vectorizer(**args)
+            fingerprint = vectorizer.fingerprint()
+        store = Store.create(path, fingerprint, spec, wait=wait, on_wait=on_wait, private=private)
         index = cls(store, vectorizer, **vectorizer_args)
         index.created = True
         return index
@@ -227,6 +229,11 @@ class Index(Writing):
         from imgindex.devices import default_precision, resolve_device
 
         return default_precision(args["preset"], resolve_device(args.get("device")))
+
+    @serialized
+    def fingerprint(self) -> dict[str, Any]:
+        """What kind of vectors the index holds: model, weights' SHA-256, dim, preprocessing."""
+        return self._store.fingerprint()
 
     @property
     @serialized
