@@ -184,9 +184,8 @@ def find_groups(
     neighbors: int = 16,
     include_reviewed: bool = False,
 ) -> list[DuplicateGroup]:
-    """The duplicate groups of an open store (see ``Index.duplicates``), among the ids
-    ``allowed`` if given, with their paths and what a person decided about them."""
-    store.refresh()
+    """The duplicate groups of an open store (see ``Index.duplicates``; the caller refreshes
+    it), among the ids ``allowed`` if given, with their paths and what a person decided."""
     index = store.vector_index
     ids = index.ids()
     if allowed is not None:

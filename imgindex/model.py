@@ -4,8 +4,9 @@ Images of different shapes cannot share a batch without changing their vectors, 
 formed from images of the same resized shape; ``PaddedForward`` lets differently shaped images
 share one padded batch while giving each the vector it would have alone.
 
-The weights live in ``imgindex.weights``, the preprocessing in ``imgindex.preprocessing`` and the
-device handling in ``imgindex.devices``; their public names are importable from here too.
+The network runs on torch, or on a CPU on ONNX Runtime (``imgindex.onnxrt``: no torch start-up);
+the weights live in ``imgindex.weights``, the preprocessing in ``imgindex.preprocessing`` and the
+device handling in ``imgindex.devices``.
 """
 
 from __future__ import annotations

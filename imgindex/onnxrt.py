@@ -107,9 +107,8 @@ def export(key: NetworkKey, network: Any, model_name: str) -> tuple[Path, dict[s
     """Export the torch ``network`` (AugNet, eval mode) for ``key`` into the cache."""
     import torch
 
-    path, record_path = key.paths()
     if on_export is not None:
-        on_export(f"exporting the network to ONNX for fast CPU start-up (once): {path}")
+        on_export(f"exporting the network to ONNX for fast CPU start-up (once): {key.paths()[0]}")
     buffer = io.BytesIO()
     example = torch.zeros(1, 3, 64, 64)
     with warnings.catch_warnings():
@@ -126,11 +125,7 @@ def export(key: NetworkKey, network: Any, model_name: str) -> tuple[Path, dict[s
             opset_version=OPSET,
             dynamo=False,
         )
-    data = buffer.getvalue()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_file(path, lambda fh: fh.write(data))
     record = {
-        "sha256": hashlib.sha256(data).hexdigest(),
         "weights_sha256": key.weights_sha256,
         "preset": key.preset,
         "precision": key.precision,
@@ -139,9 +134,7 @@ def export(key: NetworkKey, network: Any, model_name: str) -> tuple[Path, dict[s
         "opset": OPSET,
         "torch": torch.__version__,
     }
-    text = json.dumps(record, indent=1, sort_keys=True)
-    write_file(record_path, lambda fh: fh.write(text.encode()))
-    return path, record
+    return _keep(key, buffer.getvalue(), record)
 
 
 CALIBRATION = Path(__file__).resolve().parent / "calibration"
@@ -162,9 +155,10 @@ def quantize(
     from onnxruntime import quantization as q
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    path, record_path = key.paths()
     if on_export is not None:
-        on_export(f"quantizing the network to INT8, calibrated on {CALIBRATION} (once): {path}")
+        on_export(
+            f"quantizing the network to INT8, calibrated on {CALIBRATION} (once): {key.paths()[0]}"
+        )
     with tempfile.TemporaryDirectory() as scratch:
         prepared = Path(scratch) / "prepared.onnx"
         quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
@@ -186,16 +180,23 @@ def quantize(
                 nodes_to_exclude=keep,
             )
         data = quantized.read_bytes()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_file(path, lambda fh: fh.write(data))
     record = {
         **fp32_record,
-        "sha256": hashlib.sha256(data).hexdigest(),
         "precision": "int8",
         "model": f"{fp32_record['model']}-int8",
         "calibration": sorted(p.name for p in CALIBRATION.glob("*.jpg")),
         "kept_in_fp32": keep,
     }
+    return _keep(key, data, record)
+
+
+def _keep(key: NetworkKey, data: bytes, record: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
+    """Write the network ``data`` for ``key`` into the cache, then its record with its SHA-256
+    (each file whole or not at all); the record last, so a network without one is never used."""
+    path, record_path = key.paths()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_file(path, lambda fh: fh.write(data))
+    record = {**record, "sha256": hashlib.sha256(data).hexdigest()}
     text = json.dumps(record, indent=1, sort_keys=True)
     write_file(record_path, lambda fh: fh.write(text.encode()))
     return path, record

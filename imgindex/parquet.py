@@ -133,7 +133,8 @@ def batches(path: Path) -> Iterator[tuple[list[NewImage], np.ndarray]]:
     if missing:
         raise ImgIndexError(f"{path}: lacks the column(s) {', '.join(missing)}")
     for batch in table.iter_batches(batch_size=ROWS, columns=list(COLUMNS)):
-        data = batch.to_pydict()
+        # (The vectors are taken as one float32 array, never as Python lists.)
+        data = {name: batch.column(name).to_pylist() for name in COLUMNS[:-1]}
         vectors = batch.column("vector").flatten().to_numpy(zero_copy_only=False)
         vectors = vectors.astype(np.float32, copy=False).reshape(batch.num_rows, -1)
         images = [

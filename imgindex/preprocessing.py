@@ -74,15 +74,17 @@ class Preprocessing:
                 f"(limit {self.max_aspect_ratio:.0f}:1)",
             )
 
-    def resize_array(self, rgb: np.ndarray, name: str = "<image>") -> np.ndarray:
-        """H x W x 3 uint8 RGB -> 3 x h x w uint8 array with the short side at ``short_side``
-        (numpy only: what the ONNX runtime embeds)."""
+    def resize_array(self, rgb: Any, name: str = "<image>") -> Any:
+        """H x W x 3 uint8 RGB -> 3 x h x w uint8 with the short side at ``short_side``, of the
+        same kind: a numpy array (without torch: what the ONNX runtime embeds) or a tensor."""
         height, width = rgb.shape[:2]
         self.check(width, height, name)
         new_w, new_h = self.target_size(width, height)
         if (new_w, new_h) != (width, height):
             return opencv_bilinear_resize(rgb, new_w, new_h, channels_first=True)
-        return np.ascontiguousarray(rgb.transpose(2, 0, 1))
+        if isinstance(rgb, np.ndarray):
+            return np.ascontiguousarray(rgb.transpose(2, 0, 1))
+        return rgb.permute(2, 0, 1).contiguous()
 
     def normalize_array(self, batch: np.ndarray) -> np.ndarray:
         """N x 3 x h x w uint8 -> float32 network input, the same numbers as :meth:`normalize`
@@ -97,14 +99,8 @@ class Preprocessing:
         with the short side at ``short_side``."""
         import torch
 
-        if isinstance(rgb, np.ndarray):
-            return torch.from_numpy(self.resize_array(rgb, name))
-        height, width = rgb.shape[:2]
-        self.check(width, height, name)
-        new_w, new_h = self.target_size(width, height)
-        if (new_w, new_h) != (width, height):
-            return opencv_bilinear_resize(rgb, new_w, new_h, channels_first=True)
-        return rgb.permute(2, 0, 1).contiguous()
+        resized = self.resize_array(rgb, name)
+        return torch.from_numpy(resized) if isinstance(resized, np.ndarray) else resized
 
     def normalize(self, batch: torch.Tensor | np.ndarray) -> torch.Tensor:
         """N x 3 x h x w uint8 (a tensor, or an array as the onnx runtime prepares it) ->

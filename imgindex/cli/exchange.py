@@ -61,17 +61,17 @@ def import_(files: tuple[Path, ...], index_path: Path | None, wait: float, as_js
     from imgindex.index import Index, default_index_path
 
     path = index_path or default_index_path()
-    if Index.state(path) == "complete":
-        with Index.open(path) as probe:
-            expected = probe.fingerprint()
-        parquet.check_files(list(files), expected)
-        index = Index.open(path, wait=wait)
+    files_ = list(files)
+    created = Index.state(path) != "complete"
+    if created:
+        index = Index.create(path, fingerprint=parquet.check_files(files_, None), wait=wait)
     else:
-        fingerprint = parquet.check_files(list(files), None)
-        index = Index.create(path, fingerprint=fingerprint, wait=wait)
+        index = Index.open(path, wait=wait)
     with index:
+        if not created:
+            parquet.check_files(files_, index.fingerprint())
         status = StatusLine(not as_json, 0.5)
-        rows = parquet.import_into(index, list(files), lambda n: status.show(f"imported {n} rows"))
+        rows = parquet.import_into(index, files_, lambda n: status.show(f"imported {n} rows"))
         status.clear()
         total = index.count()
     if as_json:
