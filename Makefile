@@ -5,6 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
+TEST_STAMP := $(VENV)/.test-stamp
 DEMO_INDEX := .demo-index
 
 .PHONY: install demo test lint browser bench clean
@@ -18,6 +19,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps imgsim==0.1.2
 	touch $(STAMP)
 
+# The tests also run the Ray engine (imgindex[ray]); the demo does not need it.
+$(TEST_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test,serve,ray]'
+	touch $(TEST_STAMP)
+
 install: $(STAMP)
 
 demo: $(STAMP)
@@ -26,7 +32,7 @@ demo: $(STAMP)
 		--index $(DEMO_INDEX) -k 5
 	$(BIN)/imgindex query data/Leopards/image_0003.jpg --index $(DEMO_INDEX) -k 5 --metric cosine
 
-lint: $(STAMP)
+lint: $(TEST_STAMP)
 	$(BIN)/ruff check imgindex tests benchmarks scripts examples
 	$(BIN)/ruff format --check imgindex tests benchmarks scripts examples
 

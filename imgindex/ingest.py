@@ -28,7 +28,7 @@ import hashlib
 import os
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Container, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -77,6 +77,8 @@ class Progress:
     started: float = field(default_factory=time.perf_counter)
     loading_model: bool = False  # the network is being loaded (nothing is embedded meanwhile)
     model_seconds: float = 0.0  # time spent loading it
+    engine: str = "local"  # or "ray" (see imgindex.distributed)
+    actors: int = 0  # Ray engine: embedding actors that returned results lately
 
     @property
     def elapsed(self) -> float:
@@ -119,7 +121,8 @@ class BuildReport:
     def images_per_second(self) -> float:
         """Embedding rate, not counting the time to load the model (so a new index, which
         loads it before the build, and an existing one, which loads it during, compare)."""
-        seconds = self.seconds - self.stage_seconds.get("loading the model", 0.0)
+        starting = ("loading the model", "starting the cluster")
+        seconds = self.seconds - sum(self.stage_seconds.get(s, 0.0) for s in starting)
         return self.embedded / seconds if seconds > 0 else 0.0
 
     def as_dict(self) -> dict[str, Any]:
@@ -156,6 +159,10 @@ STAGES = (
     "decoding on the device",  # JPEGs decoded where the network runs (--decode device)
     "network",  # starting batches and waiting for their vectors
     "storing",  # committing vectors and metadata to SQLite and FAISS
+    # The Ray engine (imgindex.distributed): starting or joining the cluster and loading the
+    # network in its actors, then waiting for the cluster's results.
+    "starting the cluster",
+    "reading and embedding on the cluster",
 )
 
 
@@ -338,33 +345,27 @@ class _Build:
     def read(self, path: Path, known_shas: frozenset[str], force_decode: bool = False) -> _Read:
         """Read, hash and (unless its content is stored) decode one file. Raises ImageError
         with the reason, and the file's status if it was opened (``stat``)."""
+        known = frozenset() if force_decode else known_shas
+        return read_image(
+            path, known, self._read_limit, functools.partial(self._prepare, force_decode)
+        )
+
+    def _prepare(
+        self, force_decode: bool, path: Path, data: bytes, sha: str, st: os.stat_result
+    ) -> _Read:
+        """A read file's pixels ready for the network (or a JPEG left for its device)."""
         name = os.fsdecode(path)
-        st = None
-        try:
-            data, st = read_file(path, self._read_limit)
-            sha = hashlib.sha256(data).hexdigest()
-            if sha in known_shas and not force_decode:
-                image = NewImage(path, sha, len(data), st.st_mtime, 0, 0)
-                return _Read(image, None)  # dimensions come from the entry with this content
-            if self.decode_on_device and not force_decode:
-                header = device_decodable_jpeg(data, name, self.max_pixels)
-                if header is not None:
-                    w, h = header.width, header.height
-                    w, h = (h, w) if header.orientation >= 5 else (w, h)
-                    image = NewImage(path, sha, len(data), st.st_mtime, w, h)
-                    return _Read(image, None, data, header.orientation)
-            pixels = decode_image_bytes(
-                data, name, self.max_pixels, self.vectorizer.preprocessing.draft_to
-            )
-            image = NewImage(path, sha, len(data), st.st_mtime, pixels.shape[1], pixels.shape[0])
-            return _Read(image, self.vectorizer.resize(pixels, name))
-        except ImageError as exc:
-            exc.stat = exc.stat or st
-            raise
-        except Exception as exc:  # a surprise from a decoder must not stop the build
-            error = ImageError(name, f"unexpected error ({type(exc).__name__}: {exc})")
-            error.stat = st
-            raise error from exc
+        if self.decode_on_device and not force_decode:
+            header = device_decodable_jpeg(data, name, self.max_pixels)
+            if header is not None:
+                w, h = header.width, header.height
+                w, h = (h, w) if header.orientation >= 5 else (w, h)
+                image = NewImage(path, sha, len(data), st.st_mtime, w, h)
+                return _Read(image, None, data, header.orientation)
+        preprocessing = self.vectorizer.preprocessing
+        pixels = decode_image_bytes(data, name, self.max_pixels, preprocessing.draft_to)
+        image = NewImage(path, sha, len(data), st.st_mtime, pixels.shape[1], pixels.shape[0])
+        return _Read(image, self.vectorizer.resize(pixels, name))
 
     @property
     def _read_limit(self) -> int:
@@ -615,6 +616,34 @@ class _Build:
     def _notify(self) -> None:
         if self.progress is not None and self.state.total:
             self.progress(self.state)
+
+
+def read_image(
+    path: Path,
+    known_shas: Container[str],
+    read_limit: int,
+    prepare: Callable[[Path, bytes, str, os.stat_result], _Read],
+) -> _Read:
+    """Read and hash one file under ``read_limit`` pixels. A file whose content is in
+    ``known_shas`` is not decoded (its dimensions come from the entry with that content);
+    another is handed to ``prepare(path, data, sha256, status)``. Raises ImageError with the
+    reason, and the file's status once it was opened (``stat``); any other error from a decoder
+    becomes an ImageError too, so that it cannot stop a build."""
+    name = os.fsdecode(path)
+    st = None
+    try:
+        data, st = read_file(path, read_limit)
+        sha = hashlib.sha256(data).hexdigest()
+        if sha in known_shas:
+            return _Read(NewImage(path, sha, len(data), st.st_mtime, 0, 0), None)
+        return prepare(path, data, sha, st)
+    except ImageError as exc:
+        exc.stat = exc.stat or st
+        raise
+    except Exception as exc:
+        error = ImageError(name, f"unexpected error ({type(exc).__name__}: {exc})")
+        error.stat = st
+        raise error from exc
 
 
 def default_workers(device: str) -> int:

@@ -153,6 +153,7 @@ class Vectorizer:
         precision: str | None = None,
         pad_batches: bool | None = None,
         runtime: str | None = None,
+        threads: int | None = None,
     ):
         if preset not in PRESETS:
             raise ValueError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
@@ -168,6 +169,9 @@ class Vectorizer:
         self.weights = self._resolve_weights(weights)
         # Where starting took its time (seconds by stage), for --verbose.
         self.timings: dict[str, float] = {}
+        # Compute threads (default: the runtime's own choice, every core); a Ray actor sharing
+        # a node with others gets its share.
+        self.threads = threads
         runtime = runtime or os.environ.get(onnxrt.RUNTIME_ENV) or "auto"
         if runtime == "auto" and pad_batches:
             runtime = "torch"  # padded batches are torch's (PaddedForward)
@@ -184,9 +188,11 @@ class Vectorizer:
             self.network = self._onnx_network()
             return
         started = time.perf_counter()
-        import torch  # noqa: F401 - timed apart: its import is most of a CPU query's start-up
+        import torch  # timed apart: its import is most of a CPU query's start-up
 
         self.timings["importing torch"] = time.perf_counter() - started
+        if threads:
+            torch.set_num_threads(threads)
         # Padded batches by default on GPUs, where each new input shape is expensive (see
         # PaddedForward); CPUs run exact shapes, each as fast as it comes.
         self.pad_batches = self.device != "cpu" if pad_batches is None else pad_batches
@@ -298,7 +304,7 @@ class Vectorizer:
         path, record = found
         self.model_name = record["model"]
         started = time.perf_counter()
-        network = onnxrt.OnnxNetwork(path)
+        network = onnxrt.OnnxNetwork(path, self.threads)
         self.timings["loading the ONNX network"] = time.perf_counter() - started
         return network
 

@@ -176,6 +176,14 @@ class SyncPlanner:
         """The content hashes stored now: a file with one of them need not be decoded."""
         return frozenset(self.by_sha)
 
+    def shas_by_size(self) -> dict[int, set[str]]:
+        """The stored content hashes by file size: a file can only have one of the hashes of
+        its size (what the Ray engine sends with each path, instead of every hash)."""
+        by_size: dict[int, set[str]] = {}
+        for entry in self.entries.values():
+            by_size.setdefault(entry.size, set()).add(entry.sha)
+        return by_size
+
     def may_all_be_stored(self, todo: list[Path]) -> bool:
         """Whether every file of ``todo`` has the size of an indexed one: perhaps all moved or
         were copied, and no network is needed."""

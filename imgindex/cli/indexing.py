@@ -78,6 +78,28 @@ def ingest_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                 "they are made in is.",
             ),
             click.option(
+                "--engine",
+                type=click.Choice(["local", "ray"]),
+                default="local",
+                show_default=True,
+                help="ray: read and embed on a Ray cluster (pip install 'imgindex[ray]'); this "
+                "process plans and commits. The paths must be readable on every node.",
+            ),
+            click.option(
+                "--ray-address",
+                default=None,
+                metavar="auto|HOST:PORT",
+                help="The Ray cluster to join (default: $RAY_ADDRESS, else a new one on this "
+                "machine).",
+            ),
+            click.option(
+                "--ray-actors",
+                default=None,
+                type=click.IntRange(1),
+                help="Embedding actors on the Ray cluster. Default: one per GPU, else one per "
+                "node.",
+            ),
+            click.option(
                 "--dry-run",
                 is_flag=True,
                 help="Say what would be read and removed; change nothing (reads no image).",
@@ -184,6 +206,9 @@ def _ingest(
     retry_skipped: bool,
     private: bool,
     dry_run: bool,
+    engine: str,
+    ray_address: str | None,
+    ray_actors: int | None,
     index_type: Any = None,
 ) -> None:
     from imgindex.index import Index, default_index_path
@@ -192,6 +217,12 @@ def _ingest(
 
     require_existing(paths, "PATHS")
     location = index_path or default_index_path()
+    if engine == "local" and (ray_address or ray_actors):
+        raise click.UsageError("--ray-address and --ray-actors are for --engine ray")
+    if engine == "ray":
+        from imgindex.distributed import import_ray
+
+        import_ray()  # says how to install Ray before an index is created for nothing
     if dry_run:
         new = Index.state(location) != "complete"
         _dry_run(paths, location, new, remove_missing, retry_skipped, as_json)
@@ -222,6 +253,9 @@ def _ingest(
                 wait=wait,
                 on_wait=say_waiting,
                 retry_skipped=retry_skipped,
+                engine=engine,
+                ray_address=ray_address,
+                ray_actors=ray_actors,
             )
         except KeyboardInterrupt:
             bar.clear()

@@ -121,7 +121,8 @@ class ProgressLine(StatusLine):
         if not self.due(force=state.done >= state.total or state.loading_model):
             return
         if state.loading_model:
-            self.show(f"Loading the model ... ({counted(state.total, 'file')} to read)")
+            what = "Starting Ray and the network on its actors" if state.engine == "ray" else ""
+            self.show(f"{what or 'Loading the model'} ... ({counted(state.total, 'file')} to read)")
             return
         rate = state.images_per_second
         remaining = state.total - state.done
@@ -131,7 +132,8 @@ class ProgressLine(StatusLine):
         bar = "#" * filled + "-" * (width - filled)
         speed = f"  {rate:.1f} images/s" if rate > 0 else ""  # none until one is measured
         elapsed = duration_text(state.elapsed)
-        self.show(f"Embedding [{bar}] {state.done}/{state.total}{speed}  {elapsed}{eta}")
+        actors = f"  {counted(state.actors, 'actor')}" if state.engine == "ray" else ""
+        self.show(f"Embedding [{bar}] {state.done}/{state.total}{speed}{actors}  {elapsed}{eta}")
 
 
 def duration_text(seconds: float) -> str:

@@ -221,6 +221,22 @@ class Index(Writing):
             self._vectorizer = vectorizer
         return self._vectorizer
 
+    def _embedder_spec(self, max_pixels: int | None) -> Any:
+        """What a Ray actor needs to make this index's network (see imgindex.distributed)."""
+        from imgindex.distributed import EmbedderSpec
+
+        args = {k: v for k, v in self._vectorizer_args.items() if v is not None}
+        args.setdefault("preset", self.preset)
+        if args.get("precision") in (None, "auto"):
+            args["precision"] = self._precision_of_index(args)
+        weights = args.pop("weights", None)
+        return EmbedderSpec(
+            expected=self._store.fingerprint(),
+            weights=None if weights is None else os.path.abspath(weights),
+            max_pixels=max_pixels or args.pop("max_pixels", None),
+            **{k: v for k, v in args.items() if k != "max_pixels"},
+        )
+
     def _precision_of_index(self, args: dict[str, Any]) -> str:
         """The precision to embed with when none is given: int8 for an index of INT8 vectors,
         else the float default of the preset and device (an index's vectors are never mixed)."""

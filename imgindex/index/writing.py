@@ -76,6 +76,9 @@ class Writing:
         decode: str = "cpu",
         retry_skipped: bool = False,
         dry_run: bool = False,
+        engine: str = "local",
+        ray_address: str | None = None,
+        ray_actors: int | None = None,
     ) -> ingest.BuildReport:
         """Bring the index up to date with the images under ``folders`` (what ``imgindex
         build`` does): new and changed files are embedded, moved and copied files reuse their
@@ -89,9 +92,21 @@ class Writing:
         skipped is read again only once its size or times change, or with ``retry_skipped``.
         Folders are indexed under their real paths (symbolic links resolved). ``dry_run``
         changes nothing and reads no image: the report lists what would be read and removed.
+
+        ``engine="ray"`` reads and embeds on a Ray cluster (:mod:`imgindex.distributed`): the
+        one at ``ray_address`` ("auto", "HOST:PORT"; default ``$RAY_ADDRESS``, else a new one on
+        this machine), with ``ray_actors`` embedding actors (default: one per GPU, else one per
+        node). The paths must be readable under the same names on every node.
         """
         if isinstance(folders, (str, os.PathLike)):
             folders = [folders]
+        if engine not in ("local", "ray"):
+            raise ValueError(f"engine must be 'local' or 'ray', not {engine!r}")
+        if engine == "ray" and (decode != "cpu" or workers is not None):
+            raise ImgIndexError(
+                "the Ray engine reads and decodes in the cluster's tasks: --workers and "
+                "--decode device are for the local engine"
+            )
         self.check_weights()
         if dry_run:
             self._store.refresh()
@@ -104,6 +119,14 @@ class Writing:
             # The model is loaded only if some file needs reading (not for an unchanged folder).
             if max_pixels is None:
                 max_pixels = self._vectorizer_args.get("max_pixels")
+            if engine == "ray":
+                from imgindex import distributed
+
+                options = distributed.RayOptions(ray_address, ray_actors)
+                return distributed.build(
+                    store, self._embedder_spec(max_pixels), folders, progress, options,
+                    max_pixels, remove_missing, retry_skipped,
+                )  # fmt: skip
             model = self._vectorizer or (lambda: self.vectorizer)  # loaded now, or when needed
             return ingest.build(
                 store, model, folders, progress, workers, max_pixels, remove_missing, decode,
@@ -120,18 +143,16 @@ class Writing:
         wait: float = 0.0,
         on_wait: Callable[[str], None] | None = None,
         retry_skipped: bool = False,
+        engine: str = "local",
+        ray_address: str | None = None,
+        ray_actors: int | None = None,
     ) -> ingest.BuildReport:
         """Add (or update) the images in ``paths``, files or folders, removing nothing."""
         return self.sync(
-            paths,
-            progress,
-            workers=workers,
-            max_pixels=max_pixels,
-            remove_missing=False,
-            wait=wait,
-            on_wait=on_wait,
-            retry_skipped=retry_skipped,
-        )
+            paths, progress, workers=workers, max_pixels=max_pixels, remove_missing=False,
+            wait=wait, on_wait=on_wait, retry_skipped=retry_skipped, engine=engine,
+            ray_address=ray_address, ray_actors=ray_actors,
+        )  # fmt: skip
 
     @serialized
     def remove(
