@@ -32,6 +32,8 @@ import contextlib
 import logging
 import math
 import os
+import sys
+import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
@@ -55,14 +57,18 @@ if TYPE_CHECKING:
 ENGINES = ("local", "ray")
 INSTALL_HINT = "pip install 'imgindex[ray]'"
 
-# The driver commits what has come back once this many images wait, or this long after the
-# first of them arrived: few enough transactions for a fast cluster, little lost to a crash.
+# The driver commits what has come back once this many images wait, or when results come this
+# long after the last commit: few transactions for a fast cluster, little lost to a crash.
 COMMIT_IMAGES = 512
 COMMIT_SECONDS = 1.0
 # An actor counts as running while it returned a result this recently.
 ACTOR_SEEN_SECONDS = 30.0
-# Paths per block of the input dataset: the unit a failed task repeats.
-PATHS_PER_BLOCK = 64
+# The input is cut into blocks of a few actor calls each: a block is what a task reads and
+# embeds before its results stream back (and what a failed task repeats). At most this many
+# blocks (larger ones for larger builds), and at least a few per actor, so all have work.
+CALLS_PER_BLOCK = 4
+MAX_BLOCKS = 100_000
+BLOCKS_PER_ACTOR = 4
 
 
 @dataclass(frozen=True)
@@ -137,10 +143,8 @@ def connected(options: RayOptions) -> Iterator[Any]:
         address = options.address or os.environ.get("RAY_ADDRESS") or None
         quiet = {"include_dashboard": False, "log_to_driver": False, "logging_level": "ERROR"}
         try:
-            if address in (None, "local"):
-                ray.init(address="local", **quiet)
-            else:
-                ray.init(address=address, **quiet)
+            with _native_note_hidden("Set ray log level from environment variable"):
+                ray.init(address="local" if address in (None, "local") else address, **quiet)
         except ConnectionError as exc:
             raise ImgIndexError(
                 f"no Ray cluster at {address} ({exc}); start one with `ray start --head` "
@@ -152,6 +156,26 @@ def connected(options: RayOptions) -> Iterator[Any]:
     finally:
         if started_here:
             ray.shutdown()
+
+
+@contextlib.contextmanager
+def _native_note_hidden(note: str) -> Iterator[None]:
+    """Drop the lines containing ``note`` that native code writes to stderr meanwhile (Ray's
+    C++ logger announces the log level it was given); the rest is written out afterwards."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            text = captured.read().decode("utf-8", "replace")
+            sys.stderr.write("".join(x for x in text.splitlines(True) if note not in x))
+            sys.stderr.flush()
 
 
 @dataclass(frozen=True)
@@ -176,7 +200,7 @@ def layout(ray: Any, options: RayOptions, device: str) -> Layout:
     cpus = [int(n.get("CPU", 0)) for n in nodes] or [1]
     actors = options.actors or len(nodes) or 1
     threads = max(1, min(max(cpus), sum(cpus) // actors))
-    return Layout(actors, threads, 0, threads, 8)
+    return Layout(actors, threads, 0, threads, 4)
 
 
 # -- the workers ------------------------------------------------------------------------------
@@ -185,10 +209,16 @@ def layout(ray: Any, options: RayOptions, device: str) -> Layout:
 _FACTS = ("sha256", "size", "mtime", "width", "height", "reason", "st_size", "st_mtime", "st_ctime")
 
 
-def read_batch(batch: dict[str, Any], preset: str, read_limit: int) -> dict[str, np.ndarray]:
+def read_batch(
+    batch: dict[str, Any], preset: str, read_limit: int, pillow_limit: int | None
+) -> dict[str, np.ndarray]:
     """A Ray Data batch of paths -> their facts and resized pixels (a CPU task), read and
-    decoded under ``read_limit`` pixels. ``known`` holds, per path, the stored contents of its
-    size (``sha256,sha256``): such a file is hashed only."""
+    decoded under ``read_limit`` pixels, with Pillow's own limit as the driver has it (the
+    command line lifts it). ``known`` holds, per path, the stored contents of its size
+    (``sha256,sha256``): such a file is hashed only."""
+    from PIL import Image
+
+    Image.MAX_IMAGE_PIXELS = pillow_limit
     preprocessing = PRESETS[preset]
 
     def prepare(path: Path, data: bytes, sha: str, st: os.stat_result) -> _Read:
@@ -302,7 +332,6 @@ class _Batch:
 
     reads: list[_Read] = field(default_factory=list)
     vectors: list[np.ndarray] = field(default_factory=list)
-    since: float = 0.0
 
 
 class RayBuild(_Build):
@@ -324,6 +353,7 @@ class RayBuild(_Build):
         self.repeats = 0
         self.actors_seen: dict[str, float] = {}
         self.waiting = _Batch()
+        self.last_commit = time.perf_counter()
 
     @property
     def _read_limit(self) -> int:
@@ -400,6 +430,7 @@ class RayBuild(_Build):
             if first:
                 self.state.loading_model = False
                 self.state.model_seconds += time.perf_counter() - started
+                self.state.unclocked += 0 if batch is None else int(batch["embedded"].sum())
             if batch is None:
                 return
             yield batch
@@ -445,21 +476,19 @@ class RayBuild(_Build):
         if self._reuse(read):  # the same content was committed earlier in this build
             self.state.done += 1
             return
-        if not self.waiting.reads:
-            self.waiting.since = time.perf_counter()
         self.twins_waiting[image.sha256] = []
         self.waiting.reads.append(read)
         self.waiting.vectors.append(np.asarray(batch["vector"][row], dtype=np.float32))
 
     def _due(self) -> bool:
-        waiting = self.waiting
-        if len(waiting.reads) >= COMMIT_IMAGES:
-            return True
-        return bool(waiting.reads) and time.perf_counter() - waiting.since >= COMMIT_SECONDS
+        waiting = len(self.waiting.reads)
+        since = time.perf_counter() - self.last_commit
+        return waiting >= COMMIT_IMAGES or (waiting > 0 and since >= COMMIT_SECONDS)
 
     def _commit(self) -> None:
         """Commit the waiting images (one transaction), as the local engine stores a batch."""
         waiting, self.waiting = self.waiting, _Batch()
+        self.last_commit = time.perf_counter()
         if waiting.reads:
             self.started = waiting.reads, ReadyVectors(np.stack(waiting.vectors))
             self._store_started()
@@ -481,6 +510,8 @@ def _pipeline(
     read_limit: int,
 ) -> Any:
     """The Ray Data pipeline for ``paths``: not started until iterated."""
+    from PIL import Image
+
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     context.execution_options.preserve_order = True  # results in the order of the paths
@@ -489,11 +520,17 @@ def _pipeline(
         {"path": os.fsencode(p), "known": known[i] if known is not None else ""}
         for i, p in enumerate(paths)
     ]
-    blocks = max(1, math.ceil(len(items) / PATHS_PER_BLOCK))
+    size = max(CALLS_PER_BLOCK * plan.rows, math.ceil(len(items) / MAX_BLOCKS))
+    blocks = max(math.ceil(len(items) / size), BLOCKS_PER_ACTOR * plan.actors)
+    blocks = max(1, min(blocks, len(items)))
     data = ray.data.from_items(items, override_num_blocks=blocks)
     data = data.map_batches(
         read_batch,
-        fn_kwargs={"preset": spec.preset, "read_limit": read_limit},
+        fn_kwargs={
+            "preset": spec.preset,
+            "read_limit": read_limit,
+            "pillow_limit": Image.MAX_IMAGE_PIXELS,
+        },
         batch_size=plan.rows,
         num_cpus=plan.num_cpus if not plan.num_gpus else 1,
         batch_format="numpy",

@@ -79,6 +79,9 @@ class Progress:
     model_seconds: float = 0.0  # time spent loading it
     engine: str = "local"  # or "ray" (see imgindex.distributed)
     actors: int = 0  # Ray engine: embedding actors that returned results lately
+    # Images embedded while the start-up was timed (the Ray engine's first results, which came
+    # with its actors' start): left out of the rate, as that time is.
+    unclocked: int = 0
 
     @property
     def elapsed(self) -> float:
@@ -88,7 +91,8 @@ class Progress:
     def images_per_second(self) -> float:
         """Embedding rate, not counting the time the model took to load."""
         seconds = self.elapsed - self.model_seconds
-        return self.embedded / seconds if seconds > 0 and not self.loading_model else 0.0
+        images = self.embedded - self.unclocked
+        return images / seconds if seconds > 0 and not self.loading_model else 0.0
 
 
 @dataclass
@@ -116,6 +120,7 @@ class BuildReport:
     dry_run: bool = False
     to_read: list[str] = field(default_factory=list)
     to_remove: list[str] = field(default_factory=list)
+    unclocked: int = 0  # of the embedded, those not in the rate (see Progress.unclocked)
 
     @property
     def images_per_second(self) -> float:
@@ -123,7 +128,7 @@ class BuildReport:
         loads it before the build, and an existing one, which loads it during, compare)."""
         starting = ("loading the model", "starting the cluster")
         seconds = self.seconds - sum(self.stage_seconds.get(s, 0.0) for s in starting)
-        return self.embedded / seconds if seconds > 0 else 0.0
+        return (self.embedded - self.unclocked) / seconds if seconds > 0 else 0.0
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -305,6 +310,7 @@ class _Build:
             raise
         self.store.save_vector_index()
         self.report.embedded = self.state.embedded
+        self.report.unclocked = self.state.unclocked
         return self._finished(started)
 
     def _finished(self, started: float) -> BuildReport:

@@ -550,3 +550,12 @@ def test_random_bytes_as_weights_are_not_said_to_run_code(tmp_path):
         message = str(refused.value)
         assert "not a PyTorch checkpoint" in message or "not a loadable" in message, message
         assert "run code" not in message
+
+
+def test_engine_ray_without_ray_says_how_to_install_it(run, tmp_path, photos, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray fails, as without the extra
+    index = tmp_path / "idx"
+    result = run("build", photos, "--index", index, "--engine", "ray", ok=False)
+    assert result.exit_code == 1
+    assert "--engine ray needs Ray: pip install 'imgindex[ray]'" in result.stderr
+    assert not index.exists()  # refused before an index was created for nothing

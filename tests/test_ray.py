@@ -77,7 +77,13 @@ def skipped(report) -> dict[str, str]:
     return {Path(s.path).name: s.reason for s in report.skipped}
 
 
-def test_ray_build_equals_local_build_hostile_files_included(tmp_path):
+@pytest.mark.parametrize("pillow_limit", [None, 178956970], ids=["lifted", "pillows-own"])
+def test_ray_build_equals_local_build_hostile_files_included(tmp_path, monkeypatch, pillow_limit):
+    """Also with Pillow's own pixel limit as this process has it (the command line lifts it):
+    the workers read under the driver's."""
+    from PIL import Image
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", pillow_limit)
     root = some_photos(tmp_path / "photos")
     make_hostile_folder(root)
     local, _ = build(root, tmp_path / "local", "local")
@@ -88,6 +94,8 @@ def test_ray_build_equals_local_build_hostile_files_included(tmp_path):
     assert skipped(on_ray) == skipped(local)
     assert "not a regular file" in skipped(on_ray)["pipe.jpg"]
     assert "aspect ratio" in skipped(on_ray)["thin.png"]
+    pillows = "Pillow's own limit" in skipped(on_ray)["bomb.png"]
+    assert pillows == (pillow_limit is not None)
     # The progress said which engine, and how many actors were sending results.
     assert ("ray", 1) in states
     assert on_ray.stage_seconds["starting the cluster"] > 0
@@ -158,3 +166,24 @@ def test_an_actor_with_other_weights_is_refused(tmp_path):
     other = dict(spec.expected, weights_sha256="f" * 64)
     with pytest.raises(ImgIndexError, match="install the same imgindex and weights"):
         EmbedderSpec(preset=spec.preset, expected=other, device="cpu").make()
+
+
+def test_a_file_a_worker_cannot_read_is_skipped_with_its_reason(tmp_path, monkeypatch):
+    """As a file on a disk one node does not mount: here, gone between planning and reading."""
+    from imgindex import distributed
+
+    root = some_photos(tmp_path / "photos", folders=("pizza",), per_folder=3)
+    victim = sorted((root / "pizza").glob("*.jpg"))[1]
+    plan = distributed.RayBuild._candidates
+
+    def candidates_then_unmount(self, paths):
+        found = plan(self, paths)
+        victim.unlink()  # the driver saw it; the workers will not
+        return found
+
+    monkeypatch.setattr(distributed.RayBuild, "_candidates", candidates_then_unmount)
+    report, _ = build(root, tmp_path / "index", "ray")
+    assert (report.embedded, report.total) == (2, 2)
+    assert [(Path(s.path).name, s.reason) for s in report.skipped] == [
+        (victim.name, "file not found (deleted, or a broken link)")
+    ]
