@@ -32,6 +32,7 @@ import contextlib
 import logging
 import math
 import os
+import socket
 import sys
 import tempfile
 import time
@@ -142,6 +143,7 @@ def connected(options: RayOptions) -> Iterator[Any]:
     if started_here:
         address = options.address or os.environ.get("RAY_ADDRESS") or None
         quiet = {"include_dashboard": False, "log_to_driver": False, "logging_level": "ERROR"}
+        check_reachable(address)
         try:
             with _native_note_hidden("Set ray log level from environment variable"):
                 ray.init(address="local" if address in (None, "local") else address, **quiet)
@@ -156,6 +158,21 @@ def connected(options: RayOptions) -> Iterator[Any]:
     finally:
         if started_here:
             ray.shutdown()
+
+
+def check_reachable(address: str | None, seconds: float = 10.0) -> None:
+    """Refuse a HOST:PORT nothing answers on, at once: Ray itself would retry for minutes."""
+    if address in (None, "local", "auto") or "://" in address or ":" not in address:
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=seconds):
+            pass
+    except (OSError, ValueError) as exc:
+        raise ImgIndexError(
+            f"cannot reach a Ray cluster at {address} ({exc}); is `ray start --head` running "
+            "there, and is the port open to this machine?"
+        ) from None
 
 
 @contextlib.contextmanager

@@ -151,6 +151,14 @@ def test_command_line_engine_ray(tmp_path):
     refused = runner.invoke(cli, [*args, "--workers", "2"])
     assert refused.exit_code != 0
     assert "--workers and --decode device are for the local engine" in refused.output
+    nowhere = tmp_path / "nowhere"
+    unreachable = runner.invoke(
+        cli, ["build", str(root), "--index", str(nowhere), "--engine", "ray",
+              "--ray-address", "127.0.0.1:1"],
+    )  # fmt: skip
+    assert unreachable.exit_code == 1
+    assert "cannot reach a Ray cluster at 127.0.0.1:1" in unreachable.output
+    assert not nowhere.exists()
     local_only = runner.invoke(cli, ["add", str(root), "--index", str(index), "--ray-actors", "2"])
     assert local_only.exit_code != 0
     assert "--ray-address and --ray-actors are for --engine ray" in local_only.output

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -219,10 +220,11 @@ def _ingest(
     location = index_path or default_index_path()
     if engine == "local" and (ray_address or ray_actors):
         raise click.UsageError("--ray-address and --ray-actors are for --engine ray")
-    if engine == "ray":
-        from imgindex.distributed import import_ray
+    if engine == "ray":  # what would refuse the build, before an index is created for nothing
+        from imgindex.distributed import check_reachable, import_ray
 
-        import_ray()  # says how to install Ray before an index is created for nothing
+        import_ray()
+        check_reachable(ray_address or os.environ.get("RAY_ADDRESS"))
     if dry_run:
         new = Index.state(location) != "complete"
         _dry_run(paths, location, new, remove_missing, retry_skipped, as_json)
