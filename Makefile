@@ -19,9 +19,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps imgsim==0.1.2
 	touch $(STAMP)
 
-# The tests also run the Ray engine (imgindex[ray]); the demo does not need it.
+# The tests also run the Ray engine and every photo format (imgindex[ray,heif,jxl,raw]); the
+# demo needs none of them.
 $(TEST_STAMP): $(STAMP)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test,serve,ray]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test,serve,ray,heif,jxl,raw]'
 	touch $(TEST_STAMP)
 
 install: $(STAMP)

@@ -83,6 +83,7 @@ def made_up_results(self: distributed.RayBuild, paths: list[Path], known: list[s
             "width": np.full(len(chunk), 640),
             "height": np.full(len(chunk), 480),
             "reason": np.array([""] * len(chunk)),
+            "photo": np.array([""] * len(chunk)),
             "st_size": np.full(len(chunk), -1),
             "st_mtime": np.zeros(len(chunk)),
             "st_ctime": np.zeros(len(chunk)),

@@ -27,6 +27,8 @@ from imgindex.errors import (
 from imgindex.index import Index, default_index_path
 from imgindex.ingest import BuildReport, Skipped
 from imgindex.model import Vectorizer
+from imgindex.photofacts import PhotoFacts
+from imgindex.photos import PhotoFilter
 from imgindex.search import Hit, cosine_similarity, distance
 from imgindex.store import CheckReport
 
@@ -45,6 +47,8 @@ __all__ = [
     "IndexExistsError",
     "IndexLockedError",
     "IndexNotFoundError",
+    "PhotoFacts",
+    "PhotoFilter",
     "Skipped",
     "Vectorizer",
     "WeightsError",

@@ -148,7 +148,9 @@ class ViewSource:
         try:
             data, _ = read_file(path)
             # Decode large JPEGs at reduced size: crops of 20% of the area still keep full detail.
-            rgb = decode_image_bytes(data, os.fsdecode(path), self.max_pixels, 2 * self.size)
+            rgb = decode_image_bytes(
+                data, os.fsdecode(path), self.max_pixels, 2 * self.size, 2 * self.size
+            )
         except (ImageError, OSError) as exc:
             return i, str(getattr(exc, "reason", exc))
         rng = random.Random(f"{self.seed}/{step}/{i}")

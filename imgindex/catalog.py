@@ -18,17 +18,19 @@ import json
 import os
 import sqlite3
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from imgindex import photos
 from imgindex.ann import IndexSpec
 from imgindex.atomic import FileDigest
 from imgindex.errors import DamagedIndexError, IncompatibleIndexError
 from imgindex.files import path_text, resolve
 from imgindex.mirror import FileRecords
+from imgindex.photofacts import PhotoFacts
 from imgindex.schema import now, vector_checksum, write_transaction
 
 
@@ -59,6 +61,7 @@ class NewImage:
     mtime: float
     width: int
     height: int
+    facts: PhotoFacts | None = None  # what the file says about the photo, when it was read
 
 
 @dataclass(frozen=True)
@@ -434,6 +437,8 @@ class Catalog:
                     ],
                 )
                 new_ids.append(cursor.lastrowid)
+                if image.facts is not None:
+                    photos.insert(self.db, cursor.lastrowid, image.facts)
                 blob = vector.tobytes()
                 self.db.execute(
                     "INSERT INTO vectors (id, vector, crc32) VALUES (?, ?, ?)",
@@ -460,7 +465,10 @@ class Catalog:
         self._committed(remove=replaced)
 
     def copy(self, source_id: int, image: NewImage) -> int:
-        """Index ``image`` with the stored vector of ``source_id`` (same content elsewhere)."""
+        """Index ``image`` with the stored vector of ``source_id`` (same content elsewhere), and
+        its photo facts (the same bytes say the same)."""
+        if image.facts is None:
+            image = replace(image, facts=photos.of(self.db, [source_id]).get(source_id))
         [new_id] = self.write_batch([image], self.vectors([source_id]))
         return new_id
 
@@ -474,6 +482,13 @@ class Catalog:
                 "UPDATE images SET size = ?, mtime = ? WHERE id = ?",
                 [image.size, image.mtime, image_id],
             )
+
+    def save_facts(self, found: dict[int, PhotoFacts]) -> None:
+        """Store the photo facts of images indexed without them (one transaction)."""
+        self._require_writable()
+        with self._writing():
+            for image_id, facts in found.items():
+                photos.insert(self.db, image_id, facts)
 
     def remove(self, ids: Iterable[int]) -> int:
         """Remove the images ``ids`` (rows and vectors) in one transaction; returns how many."""

@@ -23,7 +23,9 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from imgindex import formats
 from imgindex.errors import ImageError
+from imgindex.photofacts import PhotoFacts, photo_facts
 
 EXIF_ORIENTATION = 0x0112  # the EXIF tag: 1 upright, 2-8 mirrored and/or rotated
 
@@ -48,11 +50,12 @@ def read_image_file(
     path: str | os.PathLike[str],
     max_pixels: int = DEFAULT_MAX_PIXELS,
     draft_to: int | None = None,
+    min_side: int = 350,
 ) -> ImageFile:
     """Read, hash and decode one file. Raises ImageError naming the file and the reason."""
     path = Path(path)
     data, st = read_file(path, max_pixels)
-    pixels = decode_image_bytes(data, os.fsdecode(path), max_pixels, draft_to)
+    pixels = decode_image_bytes(data, os.fsdecode(path), max_pixels, draft_to, min_side)
     return ImageFile(
         path=path,
         pixels=pixels,
@@ -100,16 +103,23 @@ def read_file(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[bytes, 
                 raise ImageError(name, "empty file (0 bytes)")
             limit = plausible_file_size(max_pixels)
             budget = HEADER_BYTES
-            if _reads_whole_file_to_open(fh.read(16)):
+            kind = formats.sniff(fh.read(formats.HEAD_BYTES), formats.suffix_of(name))
+            formats.require(kind, name)  # refused with the install command, unread
+            if kind in _WHOLE_FILE_FORMATS:
                 if st.st_size > limit:
                     raise _too_large(name, st.st_size, max_pixels)
                 budget = limit + 1
             fh.seek(0)
-            check_pixel_count(_read_header(fh, name, budget), name, max_pixels)
-            if st.st_size > limit:
-                raise _too_large(name, st.st_size, max_pixels)
-            fh.seek(0)
-            data = fh.read(limit + 1)
+            if kind == "RAW":
+                data = fh.read(limit + 1)
+                width, height = formats.raw_size(data, name)
+                check_pixel_count((width // 2, height // 2), name, max_pixels)  # decoded at most
+            else:
+                check_pixel_count(_read_header(fh, name, budget), name, max_pixels)
+                if st.st_size > limit:
+                    raise _too_large(name, st.st_size, max_pixels)
+                fh.seek(0)
+                data = fh.read(limit + 1)
     except ImageError as exc:
         exc.stat = st
         raise
@@ -176,10 +186,10 @@ class _HeaderTooLarge(Exception):
     pass
 
 
-def _reads_whole_file_to_open(head: bytes) -> bool:
-    """Whether Pillow reads the whole file just to open it (WebP: libwebp parses it whole),
-    so that its header cannot be read apart: its size is capped before it is opened."""
-    return head[:4] == b"RIFF" and head[8:12] == b"WEBP"
+# Formats whose decoders read the whole file just to open it (libwebp, libheif, libavif,
+# libjxl, LibRaw parse it whole), so that a header cannot be read apart: the file's size is
+# capped before it is opened.
+_WHOLE_FILE_FORMATS = frozenset({"WEBP", "HEIF", "AVIF", "JPEG XL", "RAW"})
 
 
 def _read_header(fh: Any, name: str, budget: int = HEADER_BYTES) -> tuple[int, int]:
@@ -209,13 +219,48 @@ def _header_error(name: str, exc: Exception) -> ImageError:
 
 
 def decode_image_bytes(
-    data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS, draft_to: int | None = None
+    data: bytes,
+    name: str,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    draft_to: int | None = None,
+    min_side: int = 350,
 ) -> np.ndarray:
-    """Decode encoded image bytes to an upright H x W x 3 uint8 RGB array.
+    """Decode encoded image bytes to an upright H x W x 3 uint8 RGB array (see
+    :func:`decode_photo`)."""
+    return decode_photo(data, name, max_pixels, draft_to, min_side).pixels
+
+
+@dataclass(frozen=True)
+class Photo:
+    """A decoded picture and what its file says about it."""
+
+    pixels: np.ndarray  # H x W x 3 uint8 RGB, upright
+    facts: PhotoFacts
+
+
+def decode_photo(
+    data: bytes,
+    name: str,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    draft_to: int | None = None,
+    min_side: int = 350,
+) -> Photo:
+    """Decode encoded image bytes (any format of :mod:`imgindex.formats`, judged by content) to
+    upright RGB pixels, with the photo's own facts (format, EXIF date, camera, lens, GPS).
 
     With ``draft_to``, a JPEG whose short side is at least twice that is decoded at a reduced
     scale (1/2, 1/4 or 1/8, chosen by libjpeg) that keeps its short side at ``draft_to`` or more.
+    A RAW file gives its embedded preview if that has a short side of ``min_side`` or more (the
+    preset's), else a half-size demosaic. A file of several pictures (a burst, pages, frames)
+    gives its first, or the one it marks as primary (HEIF).
     """
+    kind = formats.sniff(data[: formats.HEAD_BYTES], formats.suffix_of(name))
+    formats.require(kind, name)
+    if kind == "RAW":
+        picture = formats.decode_raw(data, name, min_side)
+        check_pixel_count((picture.pixels.shape[1], picture.pixels.shape[0]), name, max_pixels)
+        exif = picture.exif if picture.exif is not None else _tiff_exif(data)
+        return Photo(picture.pixels, photo_facts(exif, formats.raw_name(name), picture.source))
     try:
         # Pillow warns above its own limit and refuses at twice that; the CLI silences the warning
         # because check_pixel_count below gives the user the real answer.
@@ -232,7 +277,42 @@ def decode_image_bytes(
         im.load()
     except Exception as exc:  # Pillow raises many types for corrupt data
         raise ImageError(name, f"corrupt or truncated image data ({_describe(exc)})") from None
-    return pil_to_rgb_array(im, name)
+    exif = None
+    with contextlib.suppress(Exception):  # a broken EXIF block loses the facts, not the picture
+        exif = im.getexif()
+    return Photo(pil_to_rgb_array(im, name), photo_facts(exif, kind or im.format, None))
+
+
+def read_facts(data: bytes, name: str, min_side: int = 350) -> PhotoFacts:
+    """What :func:`decode_photo` would say of the photo in ``data``, without decoding its
+    pixels (for images indexed before imgindex read photo facts)."""
+    kind = formats.sniff(data[: formats.HEAD_BYTES], formats.suffix_of(name))
+    formats.require(kind, name)
+    if kind == "RAW":
+        source, exif = formats.raw_source(data, name, min_side)
+        exif = exif if exif is not None else _tiff_exif(data)
+        return photo_facts(exif, formats.raw_name(name), source)
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            exif = None
+            with contextlib.suppress(Exception):
+                exif = im.getexif()
+            return photo_facts(exif, kind or im.format, None)
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError,
+            SyntaxError) as exc:  # fmt: skip
+        raise _header_error(name, exc) from None
+
+
+def _tiff_exif(data: bytes) -> Any:
+    """The EXIF of a TIFF-based RAW file (DNG, NEF, CR2, ARW...): its first directory, parsed
+    as an EXIF block (no picture is opened); None for the others."""
+    if data[:4] not in (b"II*\x00", b"MM\x00*"):
+        return None
+    with contextlib.suppress(Exception):
+        exif = Image.Exif()
+        exif.load(data)
+        return exif
+    return None
 
 
 @dataclass(frozen=True)

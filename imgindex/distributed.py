@@ -29,6 +29,7 @@ with the reason, as any unreadable file.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -45,10 +46,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from imgindex.catalog import NewImage
-from imgindex.decode import DEFAULT_MAX_PIXELS, decode_image_bytes
+from imgindex.decode import DEFAULT_MAX_PIXELS, decode_photo
 from imgindex.errors import ImageError, ImgIndexError
 from imgindex.ingest import BuildReport, ProgressCallback, _Build, _Read, read_image
 from imgindex.model import ReadyVectors
+from imgindex.photofacts import PhotoFacts
 from imgindex.preprocessing import PRESETS
 
 if TYPE_CHECKING:
@@ -223,7 +225,8 @@ def layout(ray: Any, options: RayOptions, device: str) -> Layout:
 # -- the workers ------------------------------------------------------------------------------
 
 # The columns a batch carries back to the driver (besides the path and the vector).
-_FACTS = ("sha256", "size", "mtime", "width", "height", "reason", "st_size", "st_mtime", "st_ctime")
+_FACTS = ("sha256", "size", "mtime", "width", "height", "reason", "st_size", "st_mtime", "st_ctime",
+          "photo")  # fmt: skip
 
 
 def read_batch(
@@ -240,9 +243,12 @@ def read_batch(
 
     def prepare(path: Path, data: bytes, sha: str, st: os.stat_result) -> _Read:
         name = os.fsdecode(path)
-        pixels = decode_image_bytes(data, name, read_limit, preprocessing.draft_to)
-        image = NewImage(path, sha, len(data), st.st_mtime, pixels.shape[1], pixels.shape[0])
-        return _Read(image, preprocessing.resize_array(pixels, name))
+        photo = decode_photo(
+            data, name, read_limit, preprocessing.draft_to, preprocessing.short_side
+        )
+        height, width = photo.pixels.shape[:2]
+        image = NewImage(path, sha, len(data), st.st_mtime, width, height, photo.facts)
+        return _Read(image, preprocessing.resize_array(photo.pixels, name))
 
     out: dict[str, list[Any]] = defaultdict(list)
     for raw, known in zip(batch["path"], batch["known"], strict=True):
@@ -254,6 +260,8 @@ def read_batch(
             image = read.image
             facts.update(sha256=image.sha256, size=image.size, mtime=image.mtime)
             facts.update(width=image.width, height=image.height)
+            if image.facts is not None:  # (GPS included: the driver decides what is kept)
+                facts["photo"] = json.dumps(image.facts.as_dict())
             pixels = read.tensor
         except ImageError as exc:
             facts["reason"] = exc.reason
@@ -336,11 +344,12 @@ def build(
     max_pixels: int | None = None,
     remove_missing: bool = True,
     retry_skipped: bool = False,
+    keep_gps: bool = False,
 ) -> BuildReport:
     """:func:`imgindex.ingest.build` with the reading and embedding on a Ray cluster."""
-    return RayBuild(store, spec, options or RayOptions(), progress, max_pixels).run(
-        roots, None, remove_missing, retry_skipped
-    )
+    runner = RayBuild(store, spec, options or RayOptions(), progress, max_pixels)
+    runner.keep_gps = keep_gps
+    return runner.run(roots, None, remove_missing, retry_skipped)
 
 
 @dataclass
@@ -473,9 +482,11 @@ class RayBuild(_Build):
             raise ImgIndexError(
                 f"{path}: a vector came back from other weights; nothing of it kept"
             )
+        photo = str(batch["photo"][row])
         image = NewImage(
             path, str(batch["sha256"][row]), int(batch["size"][row]), float(batch["mtime"][row]),
             int(batch["width"][row]), int(batch["height"][row]),
+            self._kept(PhotoFacts(**json.loads(photo))) if photo else None,
         )  # fmt: skip
         read = _Read(image, None)
         if not batch["embedded"][row]:

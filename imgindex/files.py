@@ -13,10 +13,13 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, AnyStr
 
+from imgindex import formats
+
 # Formats Pillow decodes that people keep photos in. Matching is case-insensitive.
-IMAGE_SUFFIXES = frozenset(
-    {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
-)
+IMAGE_SUFFIXES = (
+    frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+    | formats.SUFFIXES
+)  # HEIC, AVIF, JPEG XL, camera RAW
 
 
 def is_image_name(path: str | os.PathLike[str]) -> bool:

@@ -35,17 +35,21 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from imgindex import photos
 from imgindex.catalog import FileState, NewImage, SkippedFile
 from imgindex.decode import (
     DEFAULT_MAX_PIXELS,
     decode_image_bytes,
+    decode_photo,
     device_decodable_jpeg,
     orient,
     pillow_block_cache,
+    read_facts,
     read_file,
 )
 from imgindex.errors import DamagedIndexError, ImageError, ImgIndexError
 from imgindex.files import is_gone, path_text, resolve_roots, walk_images
+from imgindex.photofacts import PhotoFacts
 from imgindex.planner import SyncPlanner, under
 from imgindex.store import Store
 
@@ -121,6 +125,7 @@ class BuildReport:
     to_read: list[str] = field(default_factory=list)
     to_remove: list[str] = field(default_factory=list)
     unclocked: int = 0  # of the embedded, those not in the rate (see Progress.unclocked)
+    facts_filled: int = 0  # images indexed before photo facts were kept, now read for them
 
     @property
     def images_per_second(self) -> float:
@@ -147,6 +152,7 @@ class BuildReport:
             "warnings": self.warnings,
             "notes": self.notes,
             "skipped_unchanged": self.skipped_unchanged,
+            "facts_filled": self.facts_filled,
             **(
                 {"dry_run": True, "to_read": self.to_read, "to_remove": self.to_remove}
                 if self.dry_run
@@ -200,6 +206,7 @@ def build(
     decode: str = "cpu",
     retry_skipped: bool = False,
     dry_run: bool = False,
+    keep_gps: bool = False,
 ) -> BuildReport:
     """Bring the index up to date with the images under ``roots``. See the module docstring.
     ``decode="device"`` leaves JPEGs to the network's device (nvJPEG on a GPU), in batches.
@@ -210,9 +217,9 @@ def build(
     reading, so a build that finds nothing changed does not load the model."""
     if decode not in ("cpu", "device"):
         raise ValueError(f"decode must be 'cpu' or 'device', not {decode!r}")
-    return _Build(store, vectorizer, progress, max_pixels, decode == "device").run(
-        roots, workers, remove_missing, retry_skipped, dry_run
-    )
+    runner = _Build(store, vectorizer, progress, max_pixels, decode == "device")
+    runner.keep_gps = keep_gps
+    return runner.run(roots, workers, remove_missing, retry_skipped, dry_run)
 
 
 class _Build:
@@ -225,6 +232,7 @@ class _Build:
         decode_on_device: bool = False,
     ):
         self.store = store
+        self.keep_gps = False  # GPS positions are personal data: stored only when asked
         self.decode_on_device = decode_on_device
         self.jpegs: list[_Read] = []  # read, waiting for a batch decode on the device
         self._vectorizer_source = vectorizer
@@ -301,6 +309,7 @@ class _Build:
             if remove_missing and self.plan.gone:
                 self.report.removed = self.store.remove(self.plan.gone)
             self._forget_vanished_skips(looked_at, walked_raw)
+            self._fill_in_facts(walked_raw)
         except BaseException:
             # Whatever was committed is saved to the FAISS file too, even after Ctrl-C. Should
             # that fail as well (a full disk), the next open reconciles the old file with
@@ -337,6 +346,26 @@ class _Build:
         self.plan.unlisted.append(folder)
         self.skip(folder, reason)
 
+    def _fill_in_facts(self, walked: set[bytes]) -> None:
+        """Read the photo facts of the images found here that an older imgindex indexed
+        without them: their files' headers only, nothing decoded or embedded. A file that
+        cannot be read now keeps its entry, without facts, until a later build."""
+        todo = [(i, raw) for i, raw in photos.missing(self.store.db) if raw in walked]
+        short_side = self.store.fingerprint()["preprocessing"].get("short_side", 350)
+        found: dict[int, PhotoFacts] = {}
+        for image_id, raw in todo:
+            name = os.fsdecode(raw)
+            with contextlib.suppress(ImageError):
+                data, _st = read_file(Path(name), self._read_limit)
+                found[image_id] = self._kept(read_facts(data, name, short_side))
+            if len(found) >= 1000:
+                self.store.save_facts(found)
+                self.report.facts_filled += len(found)
+                found = {}
+        if found:
+            self.store.save_facts(found)
+            self.report.facts_filled += len(found)
+
     def _forget_vanished_skips(self, roots: list[Path], walked: set[bytes]) -> None:
         vanished = [
             raw
@@ -366,12 +395,21 @@ class _Build:
             if header is not None:
                 w, h = header.width, header.height
                 w, h = (h, w) if header.orientation >= 5 else (w, h)
-                image = NewImage(path, sha, len(data), st.st_mtime, w, h)
+                facts = self._kept(read_facts(data, name))
+                image = NewImage(path, sha, len(data), st.st_mtime, w, h, facts)
                 return _Read(image, None, data, header.orientation)
         preprocessing = self.vectorizer.preprocessing
-        pixels = decode_image_bytes(data, name, self.max_pixels, preprocessing.draft_to)
-        image = NewImage(path, sha, len(data), st.st_mtime, pixels.shape[1], pixels.shape[0])
+        photo = decode_photo(
+            data, name, self.max_pixels, preprocessing.draft_to, preprocessing.short_side
+        )
+        pixels = photo.pixels
+        height, width = pixels.shape[:2]
+        image = NewImage(path, sha, len(data), st.st_mtime, width, height, self._kept(photo.facts))
         return _Read(image, self.vectorizer.resize(pixels, name))
+
+    def _kept(self, facts: PhotoFacts) -> PhotoFacts:
+        """``facts`` as the index keeps them: without GPS unless the build was told to keep it."""
+        return facts if self.keep_gps else facts.without_gps()
 
     @property
     def _read_limit(self) -> int:

@@ -463,16 +463,16 @@ class Vectorizer:
 
         if isinstance(image, (str, os.PathLike)):
             name = os.fsdecode(image)
-            pixels = read_image_file(image, self.max_pixels, self.preprocessing.draft_to).pixels
+            p = self.preprocessing
+            pixels = read_image_file(image, self.max_pixels, p.draft_to, p.short_side).pixels
             return pixels, name
         if isinstance(image, Image.Image):
             name = getattr(image, "filename", "") or "<PIL image>"
             return pil_to_rgb_array(image, name), name
         if isinstance(image, (bytes, bytearray, memoryview)):  # an encoded file, as read
             data = bytes(image)
-            pixels = decode_image_bytes(
-                data, "<bytes>", self.max_pixels, self.preprocessing.draft_to
-            )
+            p = self.preprocessing
+            pixels = decode_image_bytes(data, "<bytes>", self.max_pixels, p.draft_to, p.short_side)
             return pixels, "<bytes>"
         if isinstance(image, np.ndarray):
             return _array_to_rgb(image, channels), "<array>"

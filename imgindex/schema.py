@@ -16,7 +16,10 @@ What the tables hold, after every migration:
   damaged vector is recognised as what it is;
 * ``skipped``: files a build could not index, why, and their size and times then, so that an
   unchanged file is not read again;
-* ``duplicate_reviews`` and ``marked_for_removal``: decisions on duplicate groups.
+* ``duplicate_reviews`` and ``marked_for_removal``: decisions on duplicate groups;
+* ``photo_facts``: what each image's file says about the photo (format, date taken, camera,
+  lens, GPS when kept, orientation; :mod:`imgindex.photos`). An image without a row has not been
+  read for them yet (indexed by an older imgindex): a build fills them in without embedding.
 """
 
 from __future__ import annotations
@@ -188,6 +191,27 @@ MIGRATIONS: list[Migration] = [
             keep INTEGER REFERENCES images (id) ON DELETE SET NULL,
             at TEXT NOT NULL
         );
+        """,
+    ),
+    (
+        "m006_photo_facts",
+        # Filters (date, camera, format) select ids here and hand them to the vector search.
+        """
+        CREATE TABLE photo_facts (
+            id INTEGER PRIMARY KEY REFERENCES images (id) ON DELETE CASCADE,
+            format TEXT,
+            source TEXT,
+            taken_at TEXT,
+            taken_offset TEXT,
+            camera_make TEXT,
+            camera_model TEXT,
+            lens TEXT,
+            gps_latitude REAL,
+            gps_longitude REAL,
+            orientation INTEGER
+        );
+        CREATE INDEX photo_facts_taken_at ON photo_facts (taken_at);
+        CREATE INDEX photo_facts_format ON photo_facts (format);
         """,
     ),
 ]

@@ -59,7 +59,7 @@ def placeholder(reason: str, size: int = THUMBNAIL_SIZE) -> Thumbnail:
 def render(data: bytes, name: str, size: int, max_pixels: int) -> Image.Image:
     """An upright RGB image of ``data`` whose longer side is at most ``size``. Raises
     ImageError."""
-    pixels = decode_image_bytes(data, name, max_pixels, draft_to=size)
+    pixels = decode_image_bytes(data, name, max_pixels, draft_to=size, min_side=size)
     image = Image.fromarray(pixels)
     image.thumbnail((size, size), Image.Resampling.LANCZOS)
     return image

@@ -15,10 +15,12 @@ def touch(path: Path) -> Path:
 
 
 def test_walks_recursively_in_sorted_order_and_filters_by_suffix(tmp_path):
-    for name in ["b/2.png", "b/1.JPG", "a.jpeg", "c/d/e.webp", "notes.txt", "c/raw.cr2"]:
+    names = ["b/2.png", "b/1.JPG", "a.jpeg", "c/d/e.webp", "notes.txt", "c/clip.mp4", "c/raw.cr2",
+             "c/phone.HEIC"]  # fmt: skip
+    for name in names:
         touch(tmp_path / name)
     found = [p.relative_to(tmp_path).as_posix() for p in walk_images([tmp_path])]
-    assert found == ["a.jpeg", "b/1.JPG", "b/2.png", "c/d/e.webp"]
+    assert found == ["a.jpeg", "b/1.JPG", "b/2.png", "c/d/e.webp", "c/phone.HEIC", "c/raw.cr2"]
 
 
 def test_all_usual_formats_are_images():

@@ -53,6 +53,14 @@ def table(index_path: Path, root: Path) -> dict[str, tuple]:
     return out
 
 
+def facts(index_path: Path, root: Path) -> dict:
+    """path under ``root`` -> its photo facts."""
+    with Index.open(index_path) as index:
+        names = {r.id: os.path.relpath(os.fsencode(r.path), os.fsencode(root))
+                 for r in index.records()}  # fmt: skip
+        return {names[i]: f for i, f in index.photo_facts(list(names)).items()}
+
+
 def assert_same_index(ours: dict, theirs: dict) -> None:
     assert sorted(ours) == sorted(theirs)
     for name in ours:
@@ -90,6 +98,7 @@ def test_ray_build_equals_local_build_hostile_files_included(tmp_path, monkeypat
     on_ray, states = build(root, tmp_path / "ray", "ray")
 
     assert_same_index(table(tmp_path / "local", root), table(tmp_path / "ray", root))
+    assert facts(tmp_path / "local", root) == facts(tmp_path / "ray", root)
     assert on_ray.embedded == local.embedded == local.added > 8
     assert skipped(on_ray) == skipped(local)
     assert "not a regular file" in skipped(on_ray)["pipe.jpg"]

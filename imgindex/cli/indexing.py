@@ -79,6 +79,12 @@ def ingest_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                 "they are made in is.",
             ),
             click.option(
+                "--keep-gps",
+                is_flag=True,
+                help="Also store the GPS position photos carry (personal data: off by default; "
+                "without it, none is stored or shown).",
+            ),
+            click.option(
                 "--engine",
                 type=click.Choice(["local", "ray"]),
                 default="local",
@@ -210,6 +216,7 @@ def _ingest(
     engine: str,
     ray_address: str | None,
     ray_actors: int | None,
+    keep_gps: bool,
     index_type: Any = None,
 ) -> None:
     from imgindex.index import Index, default_index_path
@@ -258,6 +265,7 @@ def _ingest(
                 engine=engine,
                 ray_address=ray_address,
                 ray_actors=ray_actors,
+                keep_gps=keep_gps,
             )
         except KeyboardInterrupt:
             bar.clear()
@@ -361,6 +369,12 @@ def _print_report(report: Any, location: Path, bytes_on_disk: int) -> None:
         click.echo(f"Nothing to embed ({report.seconds:.1f} s): {counts}.")
     if report.reused:
         click.echo(f"Reused the stored vectors of {report.reused} moved or copied files.")
+    if report.facts_filled:
+        filled = counted(report.facts_filled, "image")
+        click.echo(
+            f"Read the photo facts (date taken, camera, format) of {filled} indexed before "
+            "imgindex kept them; nothing was embedded again."
+        )
     if report.skipped:
         again = ""
         if report.skipped_unchanged:
@@ -516,6 +530,7 @@ def info(index_path: Path | None, skipped: bool, as_json: bool) -> None:
     """Describe an index: images, model, weights, index type, size on disk."""
     with open_index(index_path) as index:
         details = index.info()
+        details["photos"] = index.photo_summary()
         skipped_files = index.skipped() if skipped else []
     if as_json:
         if skipped:
@@ -550,9 +565,32 @@ def info(index_path: Path | None, skipped: bool, as_json: bool) -> None:
         ),
         ("Created", details["created_at"]),
         ("On disk", f"{human_size(details['bytes_on_disk'])} ({files})"),
+        *_photo_rows(details["photos"]),
     ]
     for name, value in rows:
         click.echo(f"{name + ':':<15}{value}")
+
+
+def _photo_rows(photos: dict[str, Any]) -> list[tuple[str, str]]:
+    """info: the formats, cameras and dates of the collection."""
+
+    def listed(counts: dict[str, int]) -> str:
+        return ", ".join(f"{shown(name)} {n}" for name, n in counts.items()) or "none recorded"
+
+    taken = photos["taken"]
+    dates = (
+        f"{taken['first'][:10]} to {taken['last'][:10]} ({counted(taken['images'], 'photo')} dated)"
+        if taken["images"]
+        else "none recorded"
+    )
+    rows = [("Formats", listed(photos["formats"])), ("Cameras", listed(photos["cameras"])),
+            ("Taken", dates)]  # fmt: skip
+    if photos["with_gps"]:
+        rows.append(("GPS", f"kept for {counted(photos['with_gps'], 'photo')} (--keep-gps)"))
+    if photos["without_facts"]:
+        rows.append(("Photo facts", f"not read yet for {counted(photos['without_facts'], 'image')}"
+                     " (indexed by an older imgindex; the next build reads them)"))  # fmt: skip
+    return rows
 
 
 METRIC_NAMES = {"l2": "l2 (Euclidean distance)", "cosine": "cosine (similarity)"}

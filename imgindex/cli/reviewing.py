@@ -21,7 +21,13 @@ from imgindex.cli.app import (
     wait_option,
 )
 from imgindex.cli.output import counted, display_path, print_json, shown
-from imgindex.cli.searching import indexed_record, say_written, warn_if_missing
+from imgindex.cli.searching import (
+    indexed_record,
+    photo_filter,
+    photo_filter_options,
+    say_written,
+    warn_if_missing,
+)
 from imgindex.duplicates import DEFAULT_THRESHOLDS
 from imgindex.errors import ImgIndexError
 
@@ -37,6 +43,7 @@ from imgindex.errors import ImgIndexError
 )
 @metric_option
 @click.option("--under", type=click.Path(path_type=Path), help="Only images under this folder.")
+@photo_filter_options
 @click.option(
     "--neighbors",
     default=16,
@@ -69,6 +76,7 @@ def duplicates(
     include_reviewed: bool,
     sheet_dir: Path | None,
     as_json: bool,
+    **filters: Any,
 ) -> None:
     """Find groups of near-identical images in the index (resized, recompressed, lightly
     cropped copies), with the distances inside each group.
@@ -85,10 +93,12 @@ def duplicates(
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--threshold") from None
     warn_if_missing(under)
+    where = photo_filter(filters)
     with open_index(index_path) as index:
         groups = index.duplicates(
-            threshold, metric, under=under, neighbors=neighbors, include_reviewed=include_reviewed
-        )
+            threshold, metric, under=under, neighbors=neighbors,
+            include_reviewed=include_reviewed, where=where,
+        )  # fmt: skip
         sheets = _group_sheets(index, groups, sheet_dir, metric) if sheet_dir else []
     if as_json:
         print_json(

@@ -27,8 +27,58 @@ from imgindex.cli.output import StageTimer, display_path, model_stage, print_jso
 from imgindex.errors import ImageError, ImgIndexError
 from imgindex.files import path_text
 
+FILTER_KEYS = ("taken_after", "taken_before", "camera", "formats", "min_width", "min_height")
+
+
+def photo_filter_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """--taken-after, --taken-before, --camera, --format, --min-width, --min-height."""
+    for option in reversed(
+        [
+            click.option(
+                "--taken-after",
+                metavar="DATE",
+                help="Only photos taken on or after DATE (YYYY, YYYY-MM, YYYY-MM-DD or an ISO "
+                "time; the photo's own EXIF date).",
+            ),
+            click.option(
+                "--taken-before",
+                metavar="DATE",
+                help="Only photos taken on or before DATE (the whole period: 2024 is up to its "
+                "end).",
+            ),
+            click.option(
+                "--camera", help="Only photos from this camera (matches make or model, any case)."
+            ),
+            click.option(
+                "--format",
+                "formats",
+                multiple=True,
+                help="Only images of this format (JPEG, PNG, HEIF, AVIF, JPEG XL, DNG, NEF, ...; "
+                "repeatable; `imgindex info` lists the index's).",
+            ),
+            click.option("--min-width", type=click.IntRange(1), help="Only images this wide."),
+            click.option("--min-height", type=click.IntRange(1), help="Only images this tall."),
+        ]
+    ):
+        fn = option(fn)
+    return fn
+
+
+def photo_filter(options: dict[str, Any]) -> Any:
+    """The PhotoFilter the options ask for (taken out of ``options``), or None."""
+    from imgindex.photos import PhotoFilter
+
+    values = {key: options.pop(key, None) for key in FILTER_KEYS}
+    values["formats"] = tuple(values["formats"] or ())
+    try:
+        where = PhotoFilter(**values)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--taken-after / --taken-before") from None
+    return None if where.empty else where
+
 
 def search_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    fn = photo_filter_options(fn)
     for option in reversed(
         [
             click.option("-k", "--top", "k", default=10, show_default=True, type=click.IntRange(1)),
@@ -122,10 +172,12 @@ def _search_kwargs(options: dict[str, Any]) -> dict[str, Any]:
             f"{given} goes with --metric {'l2' if given == '--max-distance' else 'cosine'}; "
             f"use {other}"
         ) from None
-    return {
+    kwargs = {
         key: options[key]
         for key in ("k", "metric", "max_distance", "min_similarity", "under", "nprobe", "ef_search")
     }
+    kwargs["where"] = photo_filter(options)
+    return kwargs
 
 
 @cli.command()

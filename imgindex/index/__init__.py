@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from imgindex import ann
+from imgindex import ann, photos
 from imgindex.catalog import ImageRecord
 from imgindex.decode import DEFAULT_MAX_PIXELS
 from imgindex.duplicates import DEFAULT_THRESHOLDS, DuplicateGroup, check_threshold, find_groups
@@ -37,6 +37,8 @@ from imgindex.folder import FAISS_NAME, disk_usage
 from imgindex.index.writing import Writing, as_spec, serialized
 from imgindex.marked import marked_records, move_marked
 from imgindex.model import Vectorizer, _split_batch
+from imgindex.photofacts import PhotoFacts
+from imgindex.photos import PhotoFilter
 from imgindex.preprocessing import PRESETS
 from imgindex.schema import DB_NAME
 from imgindex.search import (
@@ -454,6 +456,7 @@ class Index(Writing):
         under: str | os.PathLike[str] | None = None,
         within: Any = None,
         exclude: Any = (),
+        where: PhotoFilter | None = None,
     ) -> Any:
         """Nearest indexed images to one vector (-> list of :class:`Hit`) or to each row of an
         ``N x 768`` matrix (-> one list per row).
@@ -462,7 +465,9 @@ class Index(Writing):
         ``max_distance`` (l2) or ``min_similarity`` (cosine) drop results beyond a threshold;
         ``under`` keeps only images whose path is under that folder (or is that file);
         ``within`` only the images of the given ids (:meth:`ids_under` makes such a list);
-        ``exclude`` leaves out the given ids.
+        ``where`` only the photos a :class:`~imgindex.photos.PhotoFilter` selects (date taken,
+        camera, format, size); ``exclude`` leaves out the given ids. These limits apply inside
+        the vector search: ``k`` results come back whenever ``k`` images qualify.
         """
         check_metric(metric)
         k = _check_k(k)
@@ -477,6 +482,7 @@ class Index(Writing):
         if not np.isfinite(matrix).all():
             raise ValueError("query vectors hold NaN or infinite numbers")
         params = ann.SearchParams(nprobe=nprobe, ef_search=ef_search)
+        within = self._within(within, where)
         results = search_store(
             self._store, matrix, k, metric, params, under=under, within=within, exclude=exclude,
             max_distance=max_distance, min_similarity=min_similarity,
@@ -493,6 +499,7 @@ class Index(Writing):
         neighbors: int = 16,
         include_reviewed: bool = False,
         within: Any = None,
+        where: PhotoFilter | None = None,
     ) -> list[DuplicateGroup]:
         """Groups of images whose vectors are within ``threshold`` of another member (an L2
         distance, or a cosine similarity of at least ``threshold``; by default
@@ -504,8 +511,35 @@ class Index(Writing):
             threshold = DEFAULT_THRESHOLDS[check_metric(metric)]
         check_threshold(threshold, metric)
         self._store.refresh()
-        allowed = chosen_ids(self._store, under, within)
+        allowed = chosen_ids(self._store, under, self._within(within, where))
         return find_groups(self._store, threshold, metric, allowed, neighbors, include_reviewed)
+
+    def _within(self, within: Any, where: PhotoFilter | None) -> Any:
+        """``within`` narrowed to the ids ``where`` selects."""
+        if where is None or where.empty:
+            return within
+        matching = photos.matching(self._store.db, where)
+        if within is None:
+            return matching
+        return np.intersect1d(matching, np.asarray(list(within), dtype=np.int64))
+
+    @serialized
+    def ids_matching(self, where: PhotoFilter) -> np.ndarray:
+        """Ids (sorted) of the images ``where`` selects."""
+        self._store.refresh()
+        return photos.matching(self._store.db, where)
+
+    @serialized
+    def photo_facts(self, ids: Any) -> dict[int, PhotoFacts]:
+        """What each image's file says about the photo (format, date taken, camera, lens, GPS
+        if the index keeps it), for the ids that have facts."""
+        return photos.of(self._store.db, ids)
+
+    @serialized
+    def photo_summary(self) -> dict[str, Any]:
+        """Formats and cameras (with counts), the range of dates taken, and how many images
+        have GPS positions or no facts yet (see :func:`imgindex.photos.summary`)."""
+        return photos.summary(self._store.db)
 
     @serialized
     def review_duplicates(

@@ -79,6 +79,7 @@ class Writing:
         engine: str = "local",
         ray_address: str | None = None,
         ray_actors: int | None = None,
+        keep_gps: bool = False,
     ) -> ingest.BuildReport:
         """Bring the index up to date with the images under ``folders`` (what ``imgindex
         build`` does): new and changed files are embedded, moved and copied files reuse their
@@ -97,6 +98,9 @@ class Writing:
         one at ``ray_address`` ("auto", "HOST:PORT"; default ``$RAY_ADDRESS``, else a new one on
         this machine), with ``ray_actors`` embedding actors (default: one per GPU, else one per
         node). The paths must be readable under the same names on every node.
+
+        Each image's photo facts (format, date taken, camera, lens, orientation) are stored;
+        GPS positions only with ``keep_gps`` (they are personal data).
         """
         if isinstance(folders, (str, os.PathLike)):
             folders = [folders]
@@ -125,12 +129,12 @@ class Writing:
                 options = distributed.RayOptions(ray_address, ray_actors)
                 return distributed.build(
                     store, self._embedder_spec(max_pixels), folders, progress, options,
-                    max_pixels, remove_missing, retry_skipped,
+                    max_pixels, remove_missing, retry_skipped, keep_gps,
                 )  # fmt: skip
             model = self._vectorizer or (lambda: self.vectorizer)  # loaded now, or when needed
             return ingest.build(
                 store, model, folders, progress, workers, max_pixels, remove_missing, decode,
-                retry_skipped,
+                retry_skipped, keep_gps=keep_gps,
             )  # fmt: skip
 
     def add(
@@ -146,12 +150,13 @@ class Writing:
         engine: str = "local",
         ray_address: str | None = None,
         ray_actors: int | None = None,
+        keep_gps: bool = False,
     ) -> ingest.BuildReport:
         """Add (or update) the images in ``paths``, files or folders, removing nothing."""
         return self.sync(
             paths, progress, workers=workers, max_pixels=max_pixels, remove_missing=False,
             wait=wait, on_wait=on_wait, retry_skipped=retry_skipped, engine=engine,
-            ray_address=ray_address, ray_actors=ray_actors,
+            ray_address=ray_address, ray_actors=ray_actors, keep_gps=keep_gps,
         )  # fmt: skip
 
     @serialized
