@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -122,7 +123,10 @@ def _cleanup(child: subprocess.Popen) -> None:
         os.killpg(child.pid, signal.SIGKILL)
 
 
-def test_driver_sigkilled_then_built_again_embeds_only_the_rest(tmp_path):
+def _signalled_build(tmp_path: Path, signal_number: int) -> tuple[Path, Path, Any, str]:
+    """A Ray build of 24 photos in a child process, sent ``signal_number`` once it committed
+    some of them but not all: the photos, the index, the child (its session still to be cleaned
+    up by the caller) and what it wrote on stderr."""
     root = some_photos(tmp_path / "photos", folders=PHOTOS, per_folder=4)
     index = tmp_path / "index"
     with Index.open(index, create=True, device="cpu"):
@@ -130,10 +134,20 @@ def test_driver_sigkilled_then_built_again_embeds_only_the_rest(tmp_path):
     child = _start_build(root, index)
     try:
         _wait_for_commits(child, index, 24)
-        child.send_signal(signal.SIGKILL)
-        child.wait(timeout=30)
-    finally:
+        child.send_signal(signal_number)
+        if signal_number == signal.SIGKILL:
+            child.wait(timeout=30)
+            _cleanup(child)  # its cluster's processes, which hold its output pipes open
+        _out, err = child.communicate(timeout=60)
+    except BaseException:
         _cleanup(child)
+        raise
+    return root, index, child, err
+
+
+def test_driver_sigkilled_then_built_again_embeds_only_the_rest(tmp_path):
+    root, index, child, _err = _signalled_build(tmp_path, signal.SIGKILL)
+    _cleanup(child)
     with Index.open(index) as opened:
         kept = opened.count()
         assert 0 < kept < 24
@@ -150,15 +164,8 @@ def test_driver_sigkilled_then_built_again_embeds_only_the_rest(tmp_path):
 
 
 def test_ctrl_c_stops_the_cluster_and_says_what_was_kept(tmp_path):
-    root = some_photos(tmp_path / "photos", folders=PHOTOS, per_folder=4)
-    index = tmp_path / "index"
-    with Index.open(index, create=True, device="cpu"):
-        pass
-    child = _start_build(root, index)
+    _root, index, child, err = _signalled_build(tmp_path, signal.SIGINT)
     try:
-        _wait_for_commits(child, index, 24)
-        child.send_signal(signal.SIGINT)
-        _out, err = child.communicate(timeout=60)
         assert child.returncode == 130, err
         assert "Interrupted. The index keeps what was committed" in err
         # The cluster's work stopped with it: no embedding actor is left running.

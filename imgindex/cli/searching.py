@@ -224,6 +224,7 @@ def query(
         answers = index.search_each(list(images), **search)
         timer.done(f"embed {len(images)} image(s) and search")
         total = index.count()
+        matching = _matching(index, search)
         good = [n for n, answer in enumerate(answers) if not isinstance(answer, ImageError)]
         hits = [answers[n] for n in good]
         sheets = _write_sheets(sheet, index, [images[n] for n in good], hits,
@@ -233,7 +234,7 @@ def query(
     errors = {n: {"query": path_text(os.path.abspath(images[n])), "error": failed[n].reason}
               for n in failed}  # fmt: skip
     labels = [shown(str(images[n])) for n in good]
-    _print_hits(queries, labels, hits, total, search["metric"], as_json, errors)
+    _print_hits(queries, labels, hits, total, search["metric"], as_json, errors, matching=matching)
     say_written(sheets)
     for n in sorted(failed):
         click.echo(f"Error: {shown(str(failed[n]))}", err=True)
@@ -382,9 +383,10 @@ def similar(
             labels.append(f"{shown(image)} ({text})" if _is_id(image) else text)
         timer.done("search")
         total = index.count()
+        matching = _matching(index, search)
         sheets = _write_sheets(sheet, index, ids, found, search["metric"]) if sheet else []
     entries = {n: {"query": images[n], "error": reason} for n, reason in errors.items()}
-    _print_hits(keys, labels, found, total, search["metric"], as_json, entries)
+    _print_hits(keys, labels, found, total, search["metric"], as_json, entries, matching=matching)
     say_written(sheets)
     for n in sorted(errors):
         click.echo(f"Error: {shown(images[n])}: {shown(errors[n])}", err=True)
@@ -431,6 +433,11 @@ def _is_id(text: str) -> bool:
     return text.isascii() and text.isdigit()
 
 
+def _matching(index: Any, search: dict[str, Any]) -> int | None:
+    """How many images the search's photo filters let through (None: no filters)."""
+    return None if search.get("where") is None else len(index.ids_matching(search["where"]))
+
+
 def _print_hits(
     keys: list[str],
     labels: list[str],
@@ -440,10 +447,11 @@ def _print_hits(
     as_json: bool,
     errors: dict[int, dict[str, str]] | None = None,
     extra: list[dict[str, Any]] | None = None,
+    matching: int | None = None,
 ) -> None:
     """Results per query; ``errors`` are the entries, by position among all queries, of those
     that could not be read (--json lists them in their place); ``extra``, more keys for each
-    query's JSON entry."""
+    query's JSON entry; ``matching``, how many images the photo filters let through."""
     if as_json:
         entries = [
             {"query": key, **(extra[n] if extra else {}), "metric": metric,
@@ -458,9 +466,11 @@ def _print_hits(
     for n, (label, found) in enumerate(zip(labels, hits, strict=True)):
         if n:
             click.echo()
-        click.echo(f"Query {label} ({metric}, {len(found)} nearest of {total})")
+        among = f"{total}" if matching is None else f"{total}, {matching} matching the filters"
+        click.echo(f"Query {label} ({metric}, {len(found)} nearest of {among})")
         if not found:
-            click.echo("  (no results)" if total else "  (the index is empty)")
+            empty = "(no image matches the filters)" if matching == 0 else "(no results)"
+            click.echo(f"  {empty}" if total else "  (the index is empty)")
             continue
         click.echo(f"{'rank':>4}  {column:>10}  {'id':>6}  path")
         for hit in found:
