@@ -114,12 +114,17 @@ def read_file(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[bytes, 
                 data = fh.read(limit + 1)
                 width, height = formats.raw_size(data, name)
                 check_pixel_count((width // 2, height // 2), name, max_pixels)  # decoded at most
+            elif kind == "JPEG XL":  # (its Pillow plugin decodes the picture to open it)
+                data = fh.read(limit + 1)
+                check_pixel_count(_jxl_size(data, name), name, max_pixels)
             else:
                 check_pixel_count(_read_header(fh, name, budget), name, max_pixels)
                 if st.st_size > limit:
                     raise _too_large(name, st.st_size, max_pixels)
                 fh.seek(0)
                 data = fh.read(limit + 1)
+    except formats.MissingSupport:
+        raise  # (without the file's state: read again once the extra is installed)
     except ImageError as exc:
         exc.stat = st
         raise
@@ -257,10 +262,12 @@ def decode_photo(
     kind = formats.sniff(data[: formats.HEAD_BYTES], formats.suffix_of(name))
     formats.require(kind, name)
     if kind == "RAW":
-        picture = formats.decode_raw(data, name, min_side)
+        picture = formats.decode_raw(data, name, min_side, max_pixels)
         check_pixel_count((picture.pixels.shape[1], picture.pixels.shape[0]), name, max_pixels)
-        exif = picture.exif if picture.exif is not None else _tiff_exif(data)
+        exif = picture.exif or _tiff_exif(data)  # (a preview's EXIF is often empty)
         return Photo(picture.pixels, photo_facts(exif, formats.raw_name(name), picture.source))
+    if kind == "JPEG XL":
+        check_pixel_count(_jxl_size(data, name), name, max_pixels)
     try:
         # Pillow warns above its own limit and refuses at twice that; the CLI silences the warning
         # because check_pixel_count below gives the user the real answer.
@@ -289,9 +296,10 @@ def read_facts(data: bytes, name: str, min_side: int = 350) -> PhotoFacts:
     kind = formats.sniff(data[: formats.HEAD_BYTES], formats.suffix_of(name))
     formats.require(kind, name)
     if kind == "RAW":
-        source, exif = formats.raw_source(data, name, min_side)
-        exif = exif if exif is not None else _tiff_exif(data)
-        return photo_facts(exif, formats.raw_name(name), source)
+        source, exif = formats.raw_source(data, name, min_side, DEFAULT_MAX_PIXELS)
+        return photo_facts(exif or _tiff_exif(data), formats.raw_name(name), source)
+    if kind == "JPEG XL":
+        check_pixel_count(_jxl_size(data, name), name, DEFAULT_MAX_PIXELS)
     try:
         with Image.open(io.BytesIO(data)) as im:
             exif = None
@@ -301,6 +309,13 @@ def read_facts(data: bytes, name: str, min_side: int = 350) -> PhotoFacts:
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError,
             SyntaxError) as exc:  # fmt: skip
         raise _header_error(name, exc) from None
+
+
+def _jxl_size(data: bytes, name: str) -> tuple[int, int]:
+    size = formats.jxl_size(data)
+    if size is None:
+        raise ImageError(name, "not a JPEG XL file imgindex can read (no size header)")
+    return size
 
 
 def _tiff_exif(data: bytes) -> Any:

@@ -64,6 +64,8 @@ INSTALL_HINT = "pip install 'imgindex[ray]'"
 # long after the last commit: few transactions for a fast cluster, little lost to a crash.
 COMMIT_IMAGES = 512
 COMMIT_SECONDS = 1.0
+# A file size shared by more stored files than this sends their contents once, not per path.
+CROWDED = 16
 # An actor counts as running while it returned a result this recently.
 ACTOR_SEEN_SECONDS = 30.0
 # The input is cut into blocks of a few actor calls each: a block is what a task reads and
@@ -230,12 +232,18 @@ _FACTS = ("sha256", "size", "mtime", "width", "height", "reason", "st_size", "st
 
 
 def read_batch(
-    batch: dict[str, Any], preset: str, read_limit: int, pillow_limit: int | None
+    batch: dict[str, Any],
+    preset: str,
+    read_limit: int,
+    pillow_limit: int | None,
+    keep_gps: bool = False,
+    crowded: Any = None,
 ) -> dict[str, np.ndarray]:
     """A Ray Data batch of paths -> their facts and resized pixels (a CPU task), read and
     decoded under ``read_limit`` pixels, with Pillow's own limit as the driver has it (the
     command line lifts it). ``known`` holds, per path, the stored contents of its size
-    (``sha256,sha256``): such a file is hashed only."""
+    (``sha256,sha256``), or ``*SIZE`` for those of a size in ``crowded`` (an object reference
+    to a dict, fetched once per worker): such a file is hashed only."""
     from PIL import Image
 
     Image.MAX_IMAGE_PIXELS = pillow_limit
@@ -252,16 +260,21 @@ def read_batch(
 
     out: dict[str, list[Any]] = defaultdict(list)
     for raw, known in zip(batch["path"], batch["known"], strict=True):
+        stored: Any = (
+            _crowded(crowded).get(int(known[1:]), ()) if known.startswith("*")
+            else set(known.split(","))
+        )  # fmt: skip
         facts: dict[str, Any] = dict.fromkeys(_FACTS, "")
         facts.update(size=0, mtime=0.0, width=0, height=0, st_size=-1, st_mtime=0.0, st_ctime=0.0)
         pixels = None
         try:
-            read = read_image(Path(os.fsdecode(raw)), set(known.split(",")), read_limit, prepare)
+            read = read_image(Path(os.fsdecode(raw)), stored, read_limit, prepare)
             image = read.image
             facts.update(sha256=image.sha256, size=image.size, mtime=image.mtime)
             facts.update(width=image.width, height=image.height)
-            if image.facts is not None:  # (GPS included: the driver decides what is kept)
-                facts["photo"] = json.dumps(image.facts.as_dict())
+            if image.facts is not None:  # GPS positions never leave the worker unless kept
+                kept = image.facts if keep_gps else image.facts.without_gps()
+                facts["photo"] = json.dumps(kept.as_dict())
             pixels = read.tensor
         except ImageError as exc:
             facts["reason"] = exc.reason
@@ -274,6 +287,22 @@ def read_batch(
         out["pixels"].append(b"" if pixels is None else np.ascontiguousarray(pixels).tobytes())
         out["shape"].append((0, 0, 0) if pixels is None else tuple(pixels.shape))
     return _columns(out)
+
+
+# A worker's copy of the driver's crowded sizes, by object reference (fetched once).
+_CROWDED_SEEN: dict[str, dict[int, frozenset[str]]] = {}
+
+
+def _crowded(ref: Any) -> dict[int, frozenset[str]]:
+    if ref is None:
+        return {}
+    key = ref.hex()
+    if key not in _CROWDED_SEEN:
+        import ray
+
+        _CROWDED_SEEN.clear()  # (another build's)
+        _CROWDED_SEEN[key] = ray.get(ref)
+    return _CROWDED_SEEN[key]
 
 
 class EmbedActor:
@@ -380,6 +409,7 @@ class RayBuild(_Build):
         self.actors_seen: dict[str, float] = {}
         self.waiting = _Batch()
         self.last_commit = time.perf_counter()
+        self.crowded: dict[int, frozenset[str]] = {}
 
     @property
     def _read_limit(self) -> int:
@@ -398,7 +428,9 @@ class RayBuild(_Build):
             known = False
 
     def _candidates(self, paths: list[Path]) -> list[str]:
-        """Per path, the stored contents of its size (``sha,sha``; usually none)."""
+        """Per path, the stored contents of its size (``sha,sha``; usually none), or, for a
+        size many stored files share (uncompressed RAW or BMP files of one camera), ``*SIZE``:
+        those contents travel once, in :attr:`crowded`, not with every path."""
         by_size = self.plan.shas_by_size()
         sizes = []
         for path in paths:
@@ -406,14 +438,22 @@ class RayBuild(_Build):
                 sizes.append(os.stat(path).st_size)
             except OSError:
                 sizes.append(-1)  # the worker will say why
-        return [",".join(sorted(by_size.get(size, ()))) for size in sizes]
+        self.crowded = {size: frozenset(by_size[size]) for size in set(sizes)
+                        if len(by_size.get(size, ())) > CROWDED}  # fmt: skip
+        return [
+            f"*{size}" if size in self.crowded else ",".join(sorted(by_size.get(size, ())))
+            for size in sizes
+        ]
 
     def results(self, paths: list[Path], known: list[str] | None) -> Iterator[dict[str, Any]]:
         """Batches of results for ``paths``, in their order, from the cluster."""
         with connected(self.options) as ray:
             plan = layout(ray, self.options, self.spec.device)
             self.state.actors = 0
-            data = _pipeline(ray, self.spec, plan, paths, known, self._read_limit)
+            crowded = ray.put(self.crowded) if known is not None and self.crowded else None
+            data = _pipeline(
+                ray, self.spec, plan, paths, known, self._read_limit, self.keep_gps, crowded
+            )
             batches = data.iter_batches(batch_size=None, batch_format="numpy")
             try:
                 yield from batches
@@ -436,8 +476,9 @@ class RayBuild(_Build):
                     self._commit()
                 self._notify()
             self._commit()
-        except KeyboardInterrupt:
-            # Vectors that reached the driver are kept too; then the cluster work stops.
+        except BaseException:
+            # Vectors that reached the driver (checked already) are kept too, whatever stopped
+            # the build (Ctrl-C, a cluster failure); then the cluster work stops.
             with contextlib.suppress(Exception):
                 self._commit()
             raise
@@ -536,6 +577,8 @@ def _pipeline(
     paths: list[Path],
     known: list[str] | None,
     read_limit: int,
+    keep_gps: bool,
+    crowded: Any = None,
 ) -> Any:
     """The Ray Data pipeline for ``paths``: not started until iterated."""
     from PIL import Image
@@ -558,6 +601,8 @@ def _pipeline(
             "preset": spec.preset,
             "read_limit": read_limit,
             "pillow_limit": Image.MAX_IMAGE_PIXELS,
+            "keep_gps": keep_gps,
+            "crowded": crowded,
         },
         batch_size=plan.rows,
         num_cpus=plan.num_cpus if not plan.num_gpus else 1,

@@ -77,16 +77,21 @@ def sniff(head: bytes, suffix: str = "") -> str | None:
     return None
 
 
+class MissingSupport(ImageError):
+    """A file in a format this installation cannot read (an extra is missing). Not recorded
+    with the file's state, so that the build after the extra is installed reads it."""
+
+
 def require(kind: str | None, name: str) -> None:
     """Refuse (ImageError, with the install command) a format whose extra is missing; register
     the Pillow plugin of one that is installed."""
     if kind == "AVIF" and not _pillow_reads_avif():
-        raise ImageError(name, "this Pillow cannot read AVIF: pip install -U 'pillow>=11.3'")
+        raise MissingSupport(name, "this Pillow cannot read AVIF: pip install -U 'pillow>=11.3'")
     if kind not in EXTRAS:
         return
     extra, _module, what = EXTRAS[kind]
     if not available(kind):
-        raise ImageError(name, f"{what} not installed: pip install 'imgindex[{extra}]'")
+        raise MissingSupport(name, f"{what} not installed: pip install 'imgindex[{extra}]'")
 
 
 @functools.cache
@@ -120,6 +125,75 @@ def register_installed() -> None:
         available(kind)
 
 
+# -- JPEG XL -----------------------------------------------------------------------------------
+
+_JXL_RATIOS = {1: (1, 1), 2: (12, 10), 3: (4, 3), 4: (3, 2), 5: (16, 9), 6: (5, 4), 7: (2, 1)}
+
+
+def jxl_size(data: bytes) -> tuple[int, int] | None:
+    """The (width, height) a JPEG XL file's SizeHeader declares, read from its first bytes (a
+    bare codestream, or the ``jxlc`` / first ``jxlp`` box of a container), without decoding:
+    Pillow's plugin decodes the whole picture just to open it. None if no header is found."""
+    stream = _jxl_codestream(data)
+    if stream is None or not stream.startswith(b"\xff\x0a"):
+        return None
+    bits = _Bits(stream[2:66])
+    try:
+        small = bits.u(1)
+        height = (bits.u(5) + 1) * 8 if small else _jxl_u32(bits)
+        ratio = bits.u(3)
+        if ratio:
+            numerator, denominator = _JXL_RATIOS[ratio]
+            width = height * numerator // denominator
+        else:
+            width = (bits.u(5) + 1) * 8 if small else _jxl_u32(bits)
+    except IndexError:
+        return None
+    return width, height
+
+
+def _jxl_codestream(data: bytes) -> bytes | None:
+    if data.startswith(b"\xff\x0a"):
+        return data
+    position = 0
+    while position + 8 <= len(data):
+        size = int.from_bytes(data[position : position + 4], "big")
+        kind = data[position + 4 : position + 8]
+        start = position + 8
+        if size == 1:
+            size = int.from_bytes(data[start : start + 8], "big")
+            start += 8
+        end = len(data) if size == 0 else position + size
+        if kind == b"jxlc":
+            return data[start:end]
+        if kind == b"jxlp":
+            return data[start + 4 : end]
+        if end <= position:
+            return None
+        position = end
+    return None
+
+
+def _jxl_u32(bits: _Bits) -> int:
+    return bits.u((9, 13, 18, 30)[bits.u(2)]) + 1
+
+
+class _Bits:
+    """Bits of ``data``, least significant first (as JPEG XL packs them)."""
+
+    def __init__(self, data: bytes):
+        self.data = data
+        self.position = 0
+
+    def u(self, count: int) -> int:
+        value = 0
+        for i in range(count):
+            byte = self.data[self.position >> 3]
+            value |= ((byte >> (self.position & 7)) & 1) << i
+            self.position += 1
+        return value
+
+
 # -- RAW ---------------------------------------------------------------------------------------
 
 
@@ -139,54 +213,72 @@ def raw_size(data: bytes, name: str) -> tuple[int, int]:
         return int(sizes.width), int(sizes.height)
 
 
-def decode_raw(data: bytes, name: str, min_side: int) -> RawPicture:
+def decode_raw(data: bytes, name: str, min_side: int, max_pixels: int) -> RawPicture:
     """The picture in a RAW file's bytes: its embedded preview when the preview's short side is
-    at least ``min_side``, else a half-size demosaic; upright either way."""
+    at least ``min_side`` (and it has at most ``max_pixels``), else a half-size demosaic;
+    upright either way. A preview that cannot be used, for whatever reason, is passed over."""
     import rawpy
 
     with _opened_raw(data, name) as raw:
         flip = int(raw.sizes.flip)
-        with contextlib.suppress(rawpy.LibRawError, ValueError, OSError):
-            preview = _preview(raw, name)
-            if preview is not None and min(preview[0].shape[:2]) >= min_side:
-                return RawPicture(_flipped(preview[0], flip), "embedded preview", preview[1])
+        preview = None
+        with contextlib.suppress(Exception):  # LibRaw, Pillow: any failure means no preview
+            preview = _preview(raw, min_side, max_pixels)
+        if preview is not None:
+            return RawPicture(_flipped(preview[0], flip), "embedded preview", preview[1])
         try:
             rgb = raw.postprocess(half_size=True, use_camera_wb=True, output_bps=8)
-        except (rawpy.LibRawError, ValueError, MemoryError) as exc:
+        except (rawpy.LibRawError, ValueError, MemoryError, NotImplementedError) as exc:
             raise ImageError(name, f"cannot demosaic RAW data ({_describe(exc)})") from None
         return RawPicture(np.ascontiguousarray(rgb), "half-size demosaic")
 
 
-def raw_source(data: bytes, name: str, min_side: int) -> tuple[str, Any]:
+def raw_source(data: bytes, name: str, min_side: int, max_pixels: int) -> tuple[str, Any]:
     """How :func:`decode_raw` would make the picture ("embedded preview" or "half-size
-    demosaic") and the preview's EXIF, without decoding the picture."""
-    import rawpy
-    from PIL import Image
-
+    demosaic") and the preview's EXIF, without decoding the preview or demosaicing."""
     with _opened_raw(data, name) as raw:
-        with contextlib.suppress(rawpy.LibRawError, ValueError, OSError):
-            thumb = raw.extract_thumb()
-            if thumb.format == rawpy.ThumbFormat.BITMAP and min(thumb.data.shape[:2]) >= min_side:
-                return "embedded preview", None
-            if thumb.format == rawpy.ThumbFormat.JPEG:
-                with Image.open(io.BytesIO(thumb.data)) as im:
-                    if min(im.size) >= min_side:
-                        return "embedded preview", im.getexif()
+        with contextlib.suppress(Exception):
+            found = _preview(raw, min_side, max_pixels, load=False)
+            if found is not None:
+                return "embedded preview", found[1]
         return "half-size demosaic", None
 
 
-def _preview(raw: Any, name: str) -> tuple[np.ndarray, Any] | None:
+def _preview(
+    raw: Any, min_side: int, max_pixels: int, load: bool = True
+) -> tuple[np.ndarray | None, Any] | None:
+    """The embedded preview as upright-to-be RGB uint8 pixels and its EXIF, if it is large
+    enough for the preset and within the pixel limit (its size checked before it is decoded);
+    else None. With ``load=False`` the pixels are not decoded (None)."""
     import rawpy
     from PIL import Image
 
     thumb = raw.extract_thumb()
     if thumb.format == rawpy.ThumbFormat.BITMAP:
-        return np.asarray(thumb.data), None
+        pixels = np.asarray(thumb.data)
+        if pixels.ndim == 2:
+            pixels = pixels[:, :, None]
+        if pixels.dtype == np.uint16:
+            pixels = (pixels >> 8).astype(np.uint8)
+        if pixels.dtype != np.uint8 or pixels.shape[2] not in (1, 3):
+            return None
+        if pixels.shape[2] == 1:
+            pixels = np.repeat(pixels, 3, axis=2)
+        height, width = pixels.shape[:2]
+        if min(width, height) < min_side or width * height > max_pixels:
+            return None
+        return np.ascontiguousarray(pixels), None
     if thumb.format != rawpy.ThumbFormat.JPEG:
         return None
     with Image.open(io.BytesIO(thumb.data)) as im:
+        width, height = im.size
+        if min(width, height) < min_side or width * height > max_pixels:
+            return None
+        exif = im.getexif()
+        if not load:
+            return None, exif
         im.load()
-        return np.asarray(im.convert("RGB")), im.getexif()
+        return np.asarray(im.convert("RGB")), exif
 
 
 def _flipped(pixels: np.ndarray, flip: int) -> np.ndarray:

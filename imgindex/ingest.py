@@ -29,7 +29,7 @@ import os
 import time
 from collections import defaultdict
 from collections.abc import Callable, Container, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -49,6 +49,7 @@ from imgindex.decode import (
 )
 from imgindex.errors import DamagedIndexError, ImageError, ImgIndexError
 from imgindex.files import is_gone, path_text, resolve_roots, walk_images
+from imgindex.formats import MissingSupport
 from imgindex.photofacts import PhotoFacts
 from imgindex.planner import SyncPlanner, under
 from imgindex.store import Store
@@ -348,14 +349,17 @@ class _Build:
 
     def _fill_in_facts(self, walked: set[bytes]) -> None:
         """Read the photo facts of the images found here that an older imgindex indexed
-        without them: their files' headers only, nothing decoded or embedded. A file that
-        cannot be read now keeps its entry, without facts, until a later build."""
+        without them: each file is read again, but nothing is embedded (and for most formats
+        nothing decoded). A file that cannot be read now keeps its entry, without facts, until
+        a later build."""
         todo = [(i, raw) for i, raw in photos.missing(self.store.db) if raw in walked]
         short_side = self.store.fingerprint()["preprocessing"].get("short_side", 350)
         found: dict[int, PhotoFacts] = {}
         for image_id, raw in todo:
             name = os.fsdecode(raw)
-            with contextlib.suppress(ImageError):
+            # Whatever fails (an unreadable file, a surprise from a decoder) leaves it without
+            # facts until a later build; it must not fail this one, which has committed.
+            with contextlib.suppress(Exception):
                 data, _st = read_file(Path(name), self._read_limit)
                 found[image_id] = self._kept(read_facts(data, name, short_side))
             if len(found) >= 1000:
@@ -595,6 +599,8 @@ class _Build:
             self.store.rename(source.id, image)
             self.plan.moved(decision, image)
         else:
+            stored = photos.of(self.store.db, [source.id]).get(source.id)
+            image = replace(image, facts=None if stored is None else self._kept(stored))
             try:
                 new_id = self.store.copy(source.id, image)
             except DamagedIndexError:
@@ -682,7 +688,8 @@ def read_image(
             return _Read(NewImage(path, sha, len(data), st.st_mtime, 0, 0), None)
         return prepare(path, data, sha, st)
     except ImageError as exc:
-        exc.stat = exc.stat or st
+        if not isinstance(exc, MissingSupport):  # (read again once the extra is installed)
+            exc.stat = exc.stat or st
         raise
     except Exception as exc:
         error = ImageError(name, f"unexpected error ({type(exc).__name__}: {exc})")

@@ -16,7 +16,8 @@ from typing import Any
 # EXIF tags (TIFF/EXIF 2.32 numbering).
 _MAKE, _MODEL, _ORIENTATION, _DATETIME = 0x010F, 0x0110, 0x0112, 0x0132
 _EXIF_IFD, _GPS_IFD = 0x8769, 0x8825
-_DATETIME_ORIGINAL, _OFFSET_TIME_ORIGINAL = 0x9003, 0x9011
+_DATETIME_ORIGINAL, _DATETIME_DIGITIZED = 0x9003, 0x9004
+_OFFSET_TIME_ORIGINAL, _OFFSET_TIME_DIGITIZED = 0x9011, 0x9012
 _LENS_MAKE, _LENS_MODEL = 0xA433, 0xA434
 _GPS_LAT_REF, _GPS_LAT, _GPS_LON_REF, _GPS_LON = 1, 2, 3, 4
 
@@ -52,8 +53,14 @@ def photo_facts(exif: Any, format_name: str | None, source: str | None) -> Photo
     if not exif:
         return PhotoFacts(format=format_name, source=source)
     sub = _ifd(exif, _EXIF_IFD)
-    taken = _exif_time(sub.get(_DATETIME_ORIGINAL)) or _exif_time(exif.get(_DATETIME))
-    offset = _text(sub.get(_OFFSET_TIME_ORIGINAL)) if taken else None
+    # When the picture was taken; else when it was digitized (a scan); else, for files that
+    # record nothing more (many RAW files' first directory), the camera's own DateTime.
+    taken, offset = _exif_time(sub.get(_DATETIME_ORIGINAL)), sub.get(_OFFSET_TIME_ORIGINAL)
+    if taken is None:
+        taken, offset = _exif_time(sub.get(_DATETIME_DIGITIZED)), sub.get(_OFFSET_TIME_DIGITIZED)
+    if taken is None:
+        taken, offset = _exif_time(exif.get(_DATETIME)), None
+    offset = _text(offset) if taken else None
     lat, lon = _gps(_ifd(exif, _GPS_IFD))
     orientation = exif.get(_ORIENTATION)
     return PhotoFacts(

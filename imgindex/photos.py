@@ -138,6 +138,10 @@ def _period(text: str, end: bool) -> str:
     match = re.fullmatch(r"(\d{4})(?:-(\d{2})(?:-(\d{2}))?)?", text)
     if match:
         year, month, day = match.groups()
+        try:
+            dt.date(int(year), int(month or 1), int(day or 1))
+        except ValueError:
+            raise ValueError(f"not a date: {text!r} (no such month or day)") from None
         if not end:
             return f"{year}-{month or '01'}-{day or '01'}T00:00:00"
         if month is None:
@@ -146,7 +150,6 @@ def _period(text: str, end: bool) -> str:
             first_of_next = dt.date(int(year) + int(month) // 12, int(month) % 12 + 1, 1)
             last = first_of_next - dt.timedelta(days=1)
             return f"{last.isoformat()}T23:59:59"
-        dt.date(int(year), int(month), int(day))  # ValueError for an impossible date
         return f"{year}-{month}-{day}T23:59:59"
     try:
         moment = dt.datetime.fromisoformat(text)

@@ -315,3 +315,70 @@ def test_ten_bit_and_alpha_become_8_bit_rgb_as_16_bit_pngs_do():
         translucent.save(buffer, format=fmt, quality=95)
         pixel = decode_photo(buffer.getvalue(), "a").pixels[0, 0].astype(int)
         assert np.abs(pixel - (10, 200, 30)).max() <= 3, fmt  # alpha dropped, colour kept
+
+
+def jxl_claiming(width: int, height: int) -> bytes:
+    """A JPEG XL codestream whose SizeHeader declares ``width`` x ``height`` (30-bit sizes),
+    followed by junk: what a decompression bomb looks like before its pixels."""
+    bits, value = 0, 0
+
+    def put(number: int, count: int) -> None:
+        nonlocal bits, value
+        value |= number << bits
+        bits += count
+
+    put(0, 1)  # not small
+    put(3, 2), put(height - 1, 30)  # U32 selector 3: 30 bits
+    put(0, 3)  # no ratio: the width follows
+    put(3, 2), put(width - 1, 30)
+    return b"\xff\x0a" + value.to_bytes((bits + 7) // 8, "little") + b"\x00" * 64
+
+
+def test_a_jpeg_xl_bomb_is_refused_from_its_header(tmp_path, monkeypatch):
+    assert formats.jxl_size(jxl_claiming(40000, 40000)) == (40000, 40000)
+    path = tmp_path / "bomb.jxl"
+    path.write_bytes(jxl_claiming(40000, 40000))
+    opened = []
+    monkeypatch.setattr(Image, "open", lambda *a, **k: opened.append(a) or 1 / 0)
+    with pytest.raises(imgindex.ImageError, match="refused before decoding"):
+        read_file(path)
+    with pytest.raises(imgindex.ImageError, match="refused before decoding"):
+        decode_photo(path.read_bytes(), "bomb.jxl")
+    assert opened == []  # Pillow (whose plugin decodes to open) never saw it
+
+
+def test_a_raw_preview_over_the_pixel_limit_is_passed_over(tmp_path):
+    data, _ = read_file(write_dng(tmp_path / "a.dng", 800, 600, preview=400))
+    # The preview (533 x 400) is over 150,000 pixels; the half-size demosaic (400 x 300) is not.
+    photo = decode_photo(data, "a.dng", max_pixels=150_000, min_side=350)
+    assert (photo.facts.source, photo.pixels.shape) == ("half-size demosaic", (300, 400, 3))
+
+
+def test_installing_a_missing_extra_lets_the_next_build_read_its_files(run, tmp_path, monkeypatch):
+    library = photo_library(tmp_path / "library")
+    index = tmp_path / "index"
+    with monkeypatch.context() as patched:
+        patched.setattr(formats, "available", lambda kind: False)
+        first = json.loads(run("build", library, "--index", index, "--json").stdout)
+    assert len(first["skipped"]) == 5
+    second = json.loads(run("build", library, "--index", index, "--json").stdout)
+    assert (second["added"], second["skipped"]) == (5, [])  # no --retry-skipped needed
+
+
+def test_a_copy_does_not_carry_gps_into_an_index_told_not_to_keep_it(run, tmp_path):
+    library = photo_library(tmp_path / "library")
+    index = tmp_path / "index"
+    run("build", library, "--index", index, "--keep-gps")
+    shutil.copy(library / "photo.jpg", library / "copy.jpg")
+    report = json.loads(run("build", library, "--index", index, "--json").stdout)
+    assert report["reused"] == 1
+    facts = facts_by_name(index)
+    assert facts["copy.jpg"].gps_latitude is None and facts["photo.jpg"].gps_latitude is not None
+    assert facts["copy.jpg"].camera_model == "iPhone 15"  # the rest is copied
+
+
+@pytest.mark.parametrize("bad", ["2024-13", "2024-02-30", "last tuesday", "2024-1"])
+def test_impossible_dates_are_refused(bad):
+    for name in ("taken_after", "taken_before"):
+        with pytest.raises(ValueError, match="not a date"):
+            PhotoFilter(**{name: bad})

@@ -129,7 +129,13 @@ def change(root: Path) -> None:
     random_image(root / "new.png", size=(120, 90), seed=7)
 
 
-def test_second_ray_build_after_changes_is_the_local_engines(tmp_path):
+@pytest.mark.parametrize("crowded", [16, 0], ids=["hashes-per-path", "hashes-sent-once"])
+def test_second_ray_build_after_changes_is_the_local_engines(tmp_path, monkeypatch, crowded):
+    """Also with every size counted as crowded: the stored contents then reach the workers
+    once, through the object store, instead of with each path."""
+    from imgindex import distributed
+
+    monkeypatch.setattr(distributed, "CROWDED", crowded)
     roots = {engine: some_photos(tmp_path / engine / "photos") for engine in ("local", "ray")}
     reports = {}
     for engine, root in roots.items():

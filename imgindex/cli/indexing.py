@@ -227,6 +227,11 @@ def _ingest(
     location = index_path or default_index_path()
     if engine == "local" and (ray_address or ray_actors):
         raise click.UsageError("--ray-address and --ray-actors are for --engine ray")
+    if engine == "ray" and (workers is not None or decode != "cpu"):
+        raise click.UsageError(
+            "the Ray engine reads and decodes in the cluster's tasks: --workers and "
+            "--decode device are for the local engine"
+        )
     if engine == "ray":  # what would refuse the build, before an index is created for nothing
         from imgindex.distributed import check_reachable, import_ray
 
@@ -280,7 +285,8 @@ def _ingest(
             bar.clear()
         timer.done("walk, read, embed and commit")
         if verbose:
-            _print_stages(report, index.vectorizer.device if report.embedded else "cpu")
+            on_gpu = engine == "local" and report.embedded  # (Ray's actors have their own)
+            _print_stages(report, index.vectorizer.device if on_gpu else "cpu")
     if as_json:
         print_json({"index": str(location), **report.as_dict()})
     else:
