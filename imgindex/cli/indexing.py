@@ -225,18 +225,7 @@ def _ingest(
 
     require_existing(paths, "PATHS")
     location = index_path or default_index_path()
-    if engine == "local" and (ray_address or ray_actors):
-        raise click.UsageError("--ray-address and --ray-actors are for --engine ray")
-    if engine == "ray" and (workers is not None or decode != "cpu"):
-        raise click.UsageError(
-            "the Ray engine reads and decodes in the cluster's tasks: --workers and "
-            "--decode device are for the local engine"
-        )
-    if engine == "ray":  # what would refuse the build, before an index is created for nothing
-        from imgindex.distributed import check_reachable, import_ray
-
-        import_ray()
-        check_reachable(ray_address or os.environ.get("RAY_ADDRESS"))
+    _check_engine(engine, ray_address, ray_actors, workers, decode)
     if dry_run:
         new = Index.state(location) != "complete"
         _dry_run(paths, location, new, remove_missing, retry_skipped, as_json)
@@ -294,6 +283,26 @@ def _ingest(
         _print_report(report, location, sum(Index.disk_usage(location).values()))
     if strict and report.skipped:
         raise click.ClickException(f"--strict: {len(report.skipped)} file(s) were skipped")
+
+
+def _check_engine(
+    engine: str, address: str | None, actors: int | None, workers: int | None, decode: str
+) -> None:
+    """Refuse options that do not go together, and a Ray engine that cannot run (not installed,
+    nothing at the address), before an index is created for nothing."""
+    if engine == "local" and (address or actors):
+        raise click.UsageError("--ray-address and --ray-actors are for --engine ray")
+    if engine != "ray":
+        return
+    if workers is not None or decode != "cpu":
+        raise click.UsageError(
+            "the Ray engine reads and decodes in the cluster's tasks: --workers and "
+            "--decode device are for the local engine"
+        )
+    from imgindex.distributed import check_reachable, import_ray
+
+    import_ray()
+    check_reachable(address or os.environ.get("RAY_ADDRESS"))
 
 
 def _dry_run(
