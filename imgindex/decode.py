@@ -264,8 +264,7 @@ def decode_photo(
     if kind == "RAW":
         picture = formats.decode_raw(data, name, min_side, max_pixels)
         check_pixel_count((picture.pixels.shape[1], picture.pixels.shape[0]), name, max_pixels)
-        exif = picture.exif or _tiff_exif(data)  # (a preview's EXIF is often empty)
-        return Photo(picture.pixels, photo_facts(exif, formats.raw_name(name), picture.source))
+        return Photo(picture.pixels, _raw_facts(data, name, picture.exif, picture.source))
     if kind == "JPEG XL":
         check_pixel_count(_jxl_size(data, name), name, max_pixels)
     try:
@@ -284,10 +283,7 @@ def decode_photo(
         im.load()
     except Exception as exc:  # Pillow raises many types for corrupt data
         raise ImageError(name, f"corrupt or truncated image data ({_describe(exc)})") from None
-    exif = None
-    with contextlib.suppress(Exception):  # a broken EXIF block loses the facts, not the picture
-        exif = im.getexif()
-    return Photo(pil_to_rgb_array(im, name), photo_facts(exif, kind or im.format, None))
+    return Photo(pil_to_rgb_array(im, name), photo_facts(_exif(im), kind or im.format, None))
 
 
 def read_facts(data: bytes, name: str, min_side: int = 350) -> PhotoFacts:
@@ -297,18 +293,29 @@ def read_facts(data: bytes, name: str, min_side: int = 350) -> PhotoFacts:
     formats.require(kind, name)
     if kind == "RAW":
         source, exif = formats.raw_source(data, name, min_side, DEFAULT_MAX_PIXELS)
-        return photo_facts(exif or _tiff_exif(data), formats.raw_name(name), source)
+        return _raw_facts(data, name, exif, source)
     if kind == "JPEG XL":
         check_pixel_count(_jxl_size(data, name), name, DEFAULT_MAX_PIXELS)
     try:
         with Image.open(io.BytesIO(data)) as im:
-            exif = None
-            with contextlib.suppress(Exception):
-                exif = im.getexif()
-            return photo_facts(exif, kind or im.format, None)
+            return photo_facts(_exif(im), kind or im.format, None)
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError,
             SyntaxError) as exc:  # fmt: skip
         raise _header_error(name, exc) from None
+
+
+def _exif(im: Image.Image) -> Any:
+    """An opened image's EXIF; None for a broken block (which loses the facts, not the
+    picture)."""
+    with contextlib.suppress(Exception):
+        return im.getexif()
+    return None
+
+
+def _raw_facts(data: bytes, name: str, preview_exif: Any, source: str) -> PhotoFacts:
+    """A RAW file's facts: from its preview's EXIF, or (often empty) its first directory's."""
+    exif = preview_exif or _tiff_exif(data)
+    return photo_facts(exif, formats.raw_name(name), source)
 
 
 def _jxl_size(data: bytes, name: str) -> tuple[int, int]:

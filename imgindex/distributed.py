@@ -29,6 +29,7 @@ with the reason, as any unreadable file.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -46,9 +47,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from imgindex.catalog import NewImage
-from imgindex.decode import DEFAULT_MAX_PIXELS, decode_photo
+from imgindex.decode import DEFAULT_MAX_PIXELS
 from imgindex.errors import ImageError, ImgIndexError
-from imgindex.ingest import BuildReport, ProgressCallback, _Build, _Read, read_image
+from imgindex.ingest import (
+    BuildReport,
+    ProgressCallback,
+    _Build,
+    _Read,
+    decoded_read,
+    read_image,
+)
 from imgindex.model import ReadyVectors
 from imgindex.photofacts import PhotoFacts
 from imgindex.preprocessing import PRESETS
@@ -57,8 +65,11 @@ if TYPE_CHECKING:
     from imgindex.model import Vectorizer
     from imgindex.store import Store
 
-ENGINES = ("local", "ray")
 INSTALL_HINT = "pip install 'imgindex[ray]'"
+LOCAL_ONLY = (
+    "the Ray engine reads and decodes in the cluster's tasks: --workers and --decode device are "
+    "for the local engine"
+)
 
 # The driver commits what has come back once this many images wait, or when results come this
 # long after the last commit: few transactions for a fast cluster, little lost to a crash.
@@ -248,15 +259,9 @@ def read_batch(
 
     Image.MAX_IMAGE_PIXELS = pillow_limit
     preprocessing = PRESETS[preset]
-
-    def prepare(path: Path, data: bytes, sha: str, st: os.stat_result) -> _Read:
-        name = os.fsdecode(path)
-        photo = decode_photo(
-            data, name, read_limit, preprocessing.draft_to, preprocessing.short_side
-        )
-        height, width = photo.pixels.shape[:2]
-        image = NewImage(path, sha, len(data), st.st_mtime, width, height, photo.facts)
-        return _Read(image, preprocessing.resize_array(photo.pixels, name))
+    # GPS positions never leave the worker unless kept.
+    prepare = functools.partial(decoded_read, max_pixels=read_limit, preprocessing=preprocessing,
+                                resize=preprocessing.resize_array, keep_gps=keep_gps)  # fmt: skip
 
     out: dict[str, list[Any]] = defaultdict(list)
     for raw, known in zip(batch["path"], batch["known"], strict=True):
@@ -272,9 +277,8 @@ def read_batch(
             image = read.image
             facts.update(sha256=image.sha256, size=image.size, mtime=image.mtime)
             facts.update(width=image.width, height=image.height)
-            if image.facts is not None:  # GPS positions never leave the worker unless kept
-                kept = image.facts if keep_gps else image.facts.without_gps()
-                facts["photo"] = json.dumps(kept.as_dict())
+            if image.facts is not None:
+                facts["photo"] = json.dumps(image.facts.as_dict())
             pixels = read.tensor
         except ImageError as exc:
             facts["reason"] = exc.reason
@@ -376,8 +380,7 @@ def build(
     keep_gps: bool = False,
 ) -> BuildReport:
     """:func:`imgindex.ingest.build` with the reading and embedding on a Ray cluster."""
-    runner = RayBuild(store, spec, options or RayOptions(), progress, max_pixels)
-    runner.keep_gps = keep_gps
+    runner = RayBuild(store, spec, options or RayOptions(), progress, max_pixels, keep_gps)
     return runner.run(roots, None, remove_missing, retry_skipped)
 
 
@@ -400,8 +403,9 @@ class RayBuild(_Build):
         options: RayOptions,
         progress: ProgressCallback | None,
         max_pixels: int | None,
+        keep_gps: bool = False,
     ):
-        super().__init__(store, _no_local_network, progress, max_pixels)
+        super().__init__(store, _no_local_network, progress, max_pixels, keep_gps=keep_gps)
         self.spec = spec
         self.options = options
         self.taken: set[bytes] = set()  # paths whose result was taken (a repeat is dropped)
@@ -527,7 +531,7 @@ class RayBuild(_Build):
         image = NewImage(
             path, str(batch["sha256"][row]), int(batch["size"][row]), float(batch["mtime"][row]),
             int(batch["width"][row]), int(batch["height"][row]),
-            self._kept(PhotoFacts(**json.loads(photo))) if photo else None,
+            PhotoFacts(**json.loads(photo)) if photo else None,  # (GPS only if kept)
         )  # fmt: skip
         read = _Read(image, None)
         if not batch["embedded"][row]:

@@ -58,6 +58,7 @@ if TYPE_CHECKING:
     import torch
 
     from imgindex.model import PendingVectors, Vectorizer
+    from imgindex.preprocessing import Preprocessing
 
 # A long build saves its FAISS file this often, so that opening the index after a crash has
 # little to reconcile; the save itself is atomic.
@@ -218,9 +219,9 @@ def build(
     reading, so a build that finds nothing changed does not load the model."""
     if decode not in ("cpu", "device"):
         raise ValueError(f"decode must be 'cpu' or 'device', not {decode!r}")
-    runner = _Build(store, vectorizer, progress, max_pixels, decode == "device")
-    runner.keep_gps = keep_gps
-    return runner.run(roots, workers, remove_missing, retry_skipped, dry_run)
+    return _Build(store, vectorizer, progress, max_pixels, decode == "device", keep_gps).run(
+        roots, workers, remove_missing, retry_skipped, dry_run
+    )
 
 
 class _Build:
@@ -231,9 +232,10 @@ class _Build:
         progress: ProgressCallback | None,
         max_pixels: int | None,
         decode_on_device: bool = False,
+        keep_gps: bool = False,
     ):
         self.store = store
-        self.keep_gps = False  # GPS positions are personal data: stored only when asked
+        self.keep_gps = keep_gps  # GPS positions are personal data: stored only when asked
         self.decode_on_device = decode_on_device
         self.jpegs: list[_Read] = []  # read, waiting for a batch decode on the device
         self._vectorizer_source = vectorizer
@@ -402,14 +404,9 @@ class _Build:
                 facts = self._kept(read_facts(data, name))
                 image = NewImage(path, sha, len(data), st.st_mtime, w, h, facts)
                 return _Read(image, None, data, header.orientation)
-        preprocessing = self.vectorizer.preprocessing
-        photo = decode_photo(
-            data, name, self.max_pixels, preprocessing.draft_to, preprocessing.short_side
-        )
-        pixels = photo.pixels
-        height, width = pixels.shape[:2]
-        image = NewImage(path, sha, len(data), st.st_mtime, width, height, self._kept(photo.facts))
-        return _Read(image, self.vectorizer.resize(pixels, name))
+        vectorizer = self.vectorizer
+        return decoded_read(path, data, sha, st, self.max_pixels, vectorizer.preprocessing,
+                            vectorizer.resize, self.keep_gps)  # fmt: skip
 
     def _kept(self, facts: PhotoFacts) -> PhotoFacts:
         """``facts`` as the index keeps them: without GPS unless the build was told to keep it."""
@@ -666,6 +663,27 @@ class _Build:
     def _notify(self) -> None:
         if self.progress is not None and self.state.total:
             self.progress(self.state)
+
+
+def decoded_read(
+    path: Path,
+    data: bytes,
+    sha: str,
+    st: os.stat_result,
+    max_pixels: int,
+    preprocessing: Preprocessing,
+    resize: Callable[[Any, str], Any],
+    keep_gps: bool,
+) -> _Read:
+    """A read file decoded on the CPU (:func:`~imgindex.decode.decode_photo`, under
+    ``max_pixels`` and the preset's sizes) and resized for the network by ``resize``, with its
+    photo facts (GPS only with ``keep_gps``)."""
+    name = os.fsdecode(path)
+    photo = decode_photo(data, name, max_pixels, preprocessing.draft_to, preprocessing.short_side)
+    facts = photo.facts if keep_gps else photo.facts.without_gps()
+    height, width = photo.pixels.shape[:2]
+    image = NewImage(path, sha, len(data), st.st_mtime, width, height, facts)
+    return _Read(image, resize(photo.pixels, name))
 
 
 def read_image(

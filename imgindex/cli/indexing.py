@@ -294,12 +294,10 @@ def _check_engine(
         raise click.UsageError("--ray-address and --ray-actors are for --engine ray")
     if engine != "ray":
         return
+    from imgindex.distributed import LOCAL_ONLY, check_reachable, import_ray
+
     if workers is not None or decode != "cpu":
-        raise click.UsageError(
-            "the Ray engine reads and decodes in the cluster's tasks: --workers and "
-            "--decode device are for the local engine"
-        )
-    from imgindex.distributed import check_reachable, import_ray
+        raise click.UsageError(LOCAL_ONLY)
 
     import_ray()
     check_reachable(address or os.environ.get("RAY_ADDRESS"))

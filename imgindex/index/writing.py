@@ -107,10 +107,9 @@ class Writing:
         if engine not in ("local", "ray"):
             raise ValueError(f"engine must be 'local' or 'ray', not {engine!r}")
         if engine == "ray" and (decode != "cpu" or workers is not None):
-            raise ImgIndexError(
-                "the Ray engine reads and decodes in the cluster's tasks: --workers and "
-                "--decode device are for the local engine"
-            )
+            from imgindex.distributed import LOCAL_ONLY
+
+            raise ImgIndexError(LOCAL_ONLY)
         self.check_weights()
         if dry_run:
             self._store.refresh()
